@@ -1,0 +1,19 @@
+"""Lightning callbacks: thin wrappers over :mod:`gapwatch.functional` on fixed probe sets."""
+
+from gapwatch.callbacks.base import ProbeCallback
+from gapwatch.callbacks.jacobian_norm import JacobianNorm
+from gapwatch.callbacks.monitor import GeneralizationMonitor
+from gapwatch.callbacks.normalized_loss import NormalizedLoss
+from gapwatch.callbacks.output_sensitivity import OutputSensitivity
+from gapwatch.callbacks.transitions import Transitions
+from gapwatch.callbacks.unit_ablation import UnitAblation
+
+__all__ = [
+    "GeneralizationMonitor",
+    "JacobianNorm",
+    "NormalizedLoss",
+    "OutputSensitivity",
+    "ProbeCallback",
+    "Transitions",
+    "UnitAblation",
+]

@@ -1,0 +1,134 @@
+"""Fixed probe sets: drawn once from the datasets, never from the training iterator.
+
+A ``DataLoader`` may carry its own ``torch.Generator``, and ``isolate_rng()`` only saves
+the global streams, so iterating the train loader would shift the shuffle order of
+training. Probes are therefore drawn from ``loader.dataset`` by index, with a private
+generator, and collated with the loader's own ``collate_fn`` so that a probe batch has
+exactly the structure the user's ``training_step`` sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data.dataloader import default_collate
+
+SplitBatch = Callable[[Any], tuple[Tensor, Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One fixed probe set: inputs ``[N, ...]`` and optional targets ``[N]``."""
+
+    inputs: Tensor
+    targets: Tensor | None
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def shard(self, rank: int, world_size: int) -> Probe:
+        """The rows this process evaluates under data parallelism (strided, so balanced)."""
+        targets = None if self.targets is None else self.targets[rank::world_size]
+        return Probe(self.inputs[rank::world_size], targets)
+
+    def to(self, device: torch.device) -> Probe:
+        """The same probe on ``device``."""
+        targets = None if self.targets is None else self.targets.to(device)
+        return Probe(self.inputs.to(device), targets)
+
+
+@dataclass(frozen=True)
+class Probes:
+    """The probe sets of one callback: held-out (may be absent) and train."""
+
+    heldout: Probe | None
+    train: Probe
+
+    @property
+    def unlabeled(self) -> Probe:
+        """Where label-free proxies look: the held-out probe, else the train probe."""
+        return self.heldout if self.heldout is not None else self.train
+
+
+def split_batch(batch: Any, input_key: str, target_key: str) -> tuple[Tensor, Tensor | None]:
+    """Split a collated batch into ``(inputs, targets)``.
+
+    Works out of the box for ``(x, y)`` tuples or lists, ``x`` alone, and mappings with
+    ``input_key`` and ``target_key``. Anything else raises an error naming the override.
+    """
+    if isinstance(batch, Tensor):
+        return batch, None
+    if isinstance(batch, Sequence) and not isinstance(batch, str) and len(batch) >= 1:
+        inputs, targets = batch[0], (batch[1] if len(batch) > 1 else None)
+    elif isinstance(batch, Mapping) and input_key in batch:
+        inputs, targets = batch[input_key], batch.get(target_key)
+    else:
+        raise _unsupported(batch, input_key)
+    if not isinstance(inputs, Tensor) or not (targets is None or isinstance(targets, Tensor)):
+        raise _unsupported(batch, input_key)
+    return inputs, targets
+
+
+def _unsupported(batch: Any, input_key: str) -> TypeError:
+    keys = f" with keys {sorted(map(str, batch))}" if isinstance(batch, Mapping) else ""
+    return TypeError(
+        f"gapwatch cannot find inputs and targets in a batch of type "
+        f"{type(batch).__name__}{keys}. Batches of `(inputs, targets)` and mappings with "
+        f"`input_key`/`target_key` (now {input_key!r}) work as they are; for anything else "
+        "subclass the callback and override `split_batch(self, batch) -> (inputs, targets)`."
+    )
+
+
+def draw_probe(
+    loader: DataLoader,
+    size: int,
+    *,
+    seed: int,
+    split: SplitBatch,
+    role: str,
+) -> Probe:
+    """Draw ``size`` samples (all of them if fewer) from ``loader.dataset``.
+
+    Args:
+        loader: Where the samples come from; only its dataset and ``collate_fn`` are used.
+        size: How many samples to draw.
+        seed: Seed of the private generator that picks the indices.
+        split: Turns a collated batch into ``(inputs, targets)``.
+        role: ``"train"`` or ``"held-out"``, for messages.
+
+    Returns:
+        The probe on the CPU.
+    """
+    dataset = loader.dataset
+    collate = loader.collate_fn or default_collate
+    # Dataset transforms (augmentation) may draw from the global RNGs: keep training's
+    # streams exactly where they were.
+    with isolate_rng():
+        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+            rank_zero_warn(
+                f"The {role} dataset is iterable; gapwatch takes its first {size} samples "
+                "as the probe instead of a random subset."
+            )
+            items = list(islice(iter(dataset), size))
+        else:
+            total = len(dataset)  # type: ignore[arg-type]
+            if size > total:
+                rank_zero_warn(
+                    f"`probe_size={size}` is larger than the {role} dataset ({total} "
+                    f"samples); gapwatch uses all {total}."
+                )
+            generator = torch.Generator().manual_seed(seed)
+            order = torch.randperm(total, generator=generator)[:size].tolist()
+            items = [dataset[i] for i in order]
+        if not items:
+            raise ValueError(f"The {role} dataset is empty; gapwatch needs samples to probe.")
+        inputs, targets = split(collate(items))
+    return Probe(inputs.detach().float().clone(), None if targets is None else targets.detach())

@@ -1,0 +1,126 @@
+"""The proxy protocol: how one measurement plugs into a probe callback.
+
+An evaluation runs each probe through the model once (``Outputs``); every proxy then
+turns those shared logits, plus any extra work of its own, into *additive statistics*:
+sums and counts over this process's shard of the probes. The callback sums them across
+processes and lets each proxy ``finalize`` them into metrics, so a data-parallel run
+reports exactly the numbers a single process would on the same probes.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from gapwatch.callbacks._probes import Probes
+
+Stats = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Settings of one evaluation that every proxy shares."""
+
+    generator: torch.Generator
+    batch_size: int
+    seed: int = 0
+    step: int = 0
+    rank: int = 0
+    world_size: int = 1
+
+
+@dataclass
+class Outputs:
+    """What the one clean forward pass per probe produced (float32, this shard)."""
+
+    heldout_logits: Tensor | None
+    train_logits: Tensor
+
+    @property
+    def unlabeled_logits(self) -> Tensor:
+        """Logits of ``Probes.unlabeled``: held-out if there is a held-out probe."""
+        return self.heldout_logits if self.heldout_logits is not None else self.train_logits
+
+
+class Proxy(ABC):
+    """One measurement inside a probe callback.
+
+    Subclasses implement ``statistics`` (additive, on this process's shard) and
+    ``finalize`` (metrics from the summed statistics). ``setup`` runs once, before the
+    first evaluation, with the whole (unsharded) probe sets on the CPU, and is where bad
+    configurations must fail.
+    """
+
+    def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:  # noqa: B027
+        """Check the model and probes before training starts (default: nothing to check)."""
+
+    @abstractmethod
+    def statistics(
+        self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
+    ) -> Stats:
+        """Additive statistics of this shard: sums and counts, each a tensor."""
+
+    @abstractmethod
+    def finalize(self, stats: Stats) -> dict[str, float]:
+        """Metric values (names without prefix) from statistics summed over processes."""
+
+
+def mean(stats: Stats, key: str) -> float:
+    """``stats[key + '_sum'] / stats[key + '_count']``; NaN when nothing was counted."""
+    count = float(stats[f"{key}_count"])
+    return float(stats[f"{key}_sum"]) / count if count > 0 else float("nan")
+
+
+def sum_and_count(key: str, values: Tensor) -> Stats:
+    """The additive form of a per-sample quantity, in float64."""
+    values = values.detach().double()
+    return {f"{key}_sum": values.sum(), f"{key}_count": values.new_tensor(values.numel())}
+
+
+class LossProxy(Proxy):
+    """Cross-entropy and accuracy on both probes, and the gap (train minus held-out accuracy).
+
+    Regression models (one output) get the mean squared error as ``*_loss`` and no
+    accuracy or gap.
+    """
+
+    def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
+        """Remember whether the model is a classifier and that the train probe has labels."""
+        if probes.train.targets is None:
+            raise ValueError(
+                "The train batches carry no targets; gapwatch needs `(inputs, targets)` "
+                "batches (or override `split_batch`)."
+            )
+        self.classifier = num_outputs > 1
+
+    def statistics(
+        self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
+    ) -> Stats:
+        """Per-probe sums of loss and correct predictions."""
+        stats: Stats = {}
+        pairs = [("train", probes.train, outputs.train_logits)]
+        if probes.heldout is not None and outputs.heldout_logits is not None:
+            pairs.append(("test", probes.heldout, outputs.heldout_logits))
+        for role, probe, logits in pairs:
+            targets = probe.targets
+            if targets is None:
+                continue
+            if self.classifier:
+                loss = F.cross_entropy(logits, targets, reduction="none")
+                stats |= sum_and_count(f"{role}_acc", (logits.argmax(1) == targets).float())
+            else:
+                loss = (logits.squeeze(1) - targets.float()).square()
+            stats |= sum_and_count(f"{role}_loss", loss)
+        return stats
+
+    def finalize(self, stats: Stats) -> dict[str, float]:
+        """Mean loss and accuracy per probe, and the gap when both probes are present."""
+        names = [n.removesuffix("_sum") for n in stats if n.endswith("_sum")]
+        metrics = {name: mean(stats, name) for name in names}
+        if "train_acc" in metrics and "test_acc" in metrics:
+            metrics["gap"] = metrics["train_acc"] - metrics["test_acc"]
+        return metrics

@@ -1,0 +1,310 @@
+"""The probe callback: probe sets, scheduling, isolation and logging for every proxy.
+
+Each gapwatch callback is this class with a list of proxies; a single-proxy callback is
+the suite with one member. An evaluation:
+
+1. runs each probe set through the model once, in eval mode, without autocast and with
+   the global random state saved and restored (``Outputs``);
+2. asks every proxy for additive statistics on this process's shard of the probes;
+3. sums the statistics across processes and lets each proxy finalize its metrics;
+4. sends the metrics to every logger at the step Lightning gives the user's own
+   validation metrics, and into ``trainer.callback_metrics`` so ``EarlyStopping`` and
+   ``ModelCheckpoint`` can monitor them.
+
+Evaluations run once before the first optimizer step (step 0) and on the last training
+batch of every ``every_n_epochs``-th epoch: that is after the epoch's final optimizer step
+but before validation and before any ``on_train_epoch_end``, so EarlyStopping finds the
+metric in both of its check modes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from gapwatch.callbacks._probes import Probe, Probes, draw_probe, split_batch
+from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
+from gapwatch.functional._common import (
+    as_outputs,
+    check_choice,
+    check_positive,
+    evaluation,
+    forward_chunks,
+)
+
+HeldOut = Literal["val", "test", "none"]
+
+
+class ProbeCallback(Callback):
+    """Evaluate a list of proxies on fixed probe sets while a model trains.
+
+    Args:
+        proxies: The measurements to run; held-out and train loss and accuracy are
+            always logged beside them.
+        every_n_epochs: Evaluate at the end of every n-th training epoch.
+        every_n_train_steps: Also evaluate every n optimizer steps (for short runs).
+        probe_size: Samples drawn once from each dataset (held-out and train).
+        batch_size: Rows per forward pass inside a proxy; bounds the extra memory.
+        prefix: Prepended to every logged name.
+        heldout: Where the held-out probe comes from: the validation dataloader, the
+            test dataloader, or nowhere (held-out metrics are then skipped).
+        input_key: Key of the inputs when batches are mappings.
+        target_key: Key of the targets when batches are mappings.
+        model_attr: Attribute path of the submodule that maps inputs to logits
+            (e.g. ``"net"``); by default the LightningModule itself.
+        seed: Seeds the probe draw and every random draw of the proxies. The same seed
+            is reused at each evaluation, so curves move with the model, not the noise.
+    """
+
+    def __init__(
+        self,
+        proxies: Sequence[Proxy],
+        *,
+        every_n_epochs: int = 1,
+        every_n_train_steps: int | None = None,
+        probe_size: int = 512,
+        batch_size: int = 512,
+        prefix: str = "gapwatch/",
+        heldout: HeldOut = "val",
+        input_key: str = "x",
+        target_key: str = "y",
+        model_attr: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        check_positive("every_n_epochs", every_n_epochs, integer=True)
+        if every_n_train_steps is not None:
+            check_positive("every_n_train_steps", every_n_train_steps, integer=True)
+        check_positive("probe_size", probe_size, integer=True)
+        check_positive("batch_size", batch_size, integer=True)
+        check_choice("heldout", heldout, ("val", "test", "none"))
+        if not isinstance(prefix, str):
+            raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        self.proxies: list[Proxy] = [LossProxy(), *proxies]
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self.probe_size = probe_size
+        self.batch_size = batch_size
+        self.prefix = prefix
+        self.heldout = heldout
+        self.input_key = input_key
+        self.target_key = target_key
+        self.model_attr = model_attr
+        self.seed = seed
+        self.last_step: int | None = None
+        self.history: list[dict[str, float]] = []
+        self._probes: Probes | None = None
+        self._done_at: int | None = None  # global_step of the latest evaluation
+
+    @property
+    def state_key(self) -> str:
+        """Distinguishes several gapwatch callbacks in one checkpoint."""
+        return self._generate_state_key(
+            prefix=self.prefix, proxies=[type(p).__name__ for p in self.proxies]
+        )
+
+    # -- what users may override -----------------------------------------------------
+
+    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+        """Split one collated batch into ``(inputs, targets)``; override for custom batches."""
+        return split_batch(batch, self.input_key, self.target_key)
+
+    def get_model(self, pl_module: LightningModule) -> nn.Module:
+        """The module that maps a batch of inputs to logits; override if ``model_attr`` won't do."""
+        if self.model_attr is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.model_attr.replace("/", "."))
+        except AttributeError as error:
+            raise AttributeError(
+                f"`model_attr={self.model_attr!r}` names no submodule of "
+                f"{type(pl_module).__name__}: {error}"
+            ) from None
+
+    # -- Lightning hooks ---------------------------------------------------------------
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Draw the probes, check every proxy against them, and evaluate at step 0."""
+        if self._probes is None:
+            self._probes = self._draw_probes(trainer, pl_module)
+        if self.last_step is None and self._step(trainer) == 0:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Evaluate on the epoch's last batch (every n epochs) or every n steps."""
+        last_batch = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        epoch_due = last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        n_steps = self.every_n_train_steps
+        steps_due = n_steps is not None and trainer.global_step % n_steps == 0
+        if epoch_due or steps_due:
+            self._evaluate(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Catch an epoch whose last batch went unnoticed (an iterable loader, say)."""
+        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+            self._evaluate(trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue the curves without a second step 0."""
+        return {"last_step": self.last_step, "history": self.history}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``state_dict``."""
+        self.last_step = state_dict["last_step"]
+        self.history = list(state_dict["history"])
+
+    # -- internals ---------------------------------------------------------------------
+
+    @staticmethod
+    def _step(trainer: Trainer) -> int:
+        # The step Lightning logs the user's validation metrics at; during the epoch's last
+        # batch it is one behind `global_step`, which counts the step just taken.
+        return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+    def _draw_probes(self, trainer: Trainer, pl_module: LightningModule) -> Probes:
+        train_loader = _first_loader(trainer.train_dataloader, "train")
+        train = self._draw(train_loader, "train")
+        heldout_loader = self._heldout_loader(trainer, pl_module)
+        heldout = None if heldout_loader is None else self._draw(heldout_loader, "held-out")
+        if heldout is None:
+            rank_zero_warn(
+                "gapwatch found no held-out data: held-out metrics (test_loss, test_acc, gap, "
+                "normalized_test_loss) are skipped and label-free proxies use the train probe."
+            )
+        model = self.get_model(pl_module)
+        full = Probes(heldout=heldout, train=train)
+        num_outputs = self._num_outputs(model, train)
+        for proxy in self.proxies:
+            proxy.setup(model, full, num_outputs)
+        device = pl_module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        shard = Probes(
+            heldout=None if heldout is None else heldout.shard(rank, world).to(device),
+            train=train.shard(rank, world).to(device),
+        )
+        return shard
+
+    def _draw(self, loader: DataLoader, role: str) -> Probe:
+        return draw_probe(
+            loader, self.probe_size, seed=self.seed, split=self.split_batch, role=role
+        )
+
+    def _heldout_loader(self, trainer: Trainer, pl_module: LightningModule) -> DataLoader | None:
+        if self.heldout == "none":
+            return None
+        if self.heldout == "test":
+            source = trainer.datamodule if trainer.datamodule is not None else pl_module
+            try:
+                return _first_loader(source.test_dataloader(), "test")
+            except (AttributeError, NotImplementedError):
+                raise ValueError(
+                    "`heldout='test'` needs a `test_dataloader()` on the datamodule or the "
+                    "LightningModule; define one or use `heldout='val'`."
+                ) from None
+        if trainer.val_dataloaders is None and trainer.limit_val_batches != 0:
+            # Without a sanity check the validation loaders are only built at the first
+            # validation; build them now (Lightning reuses them later).
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
+        loaders = trainer.val_dataloaders
+        return None if loaders is None else _first_loader(loaders, "validation")
+
+    def _num_outputs(self, model: nn.Module, probe: Probe) -> int:
+        device = next(iter(model.parameters()), probe.inputs).device
+        with isolate_rng(), evaluation(model), torch.no_grad():
+            logits = as_outputs(model(probe.inputs[:2].to(device)))
+        return logits.shape[1]
+
+    def _forward(self, model: nn.Module, probes: Probes) -> Outputs:
+        heldout = probes.heldout
+        return Outputs(
+            heldout_logits=None if heldout is None else self._logits(model, heldout.inputs),
+            train_logits=self._logits(model, probes.train.inputs),
+        )
+
+    def _logits(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        return torch.cat([out for _, _, out in forward_chunks(model, inputs, self.batch_size)])
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._probes is None or self._done_at == trainer.global_step:
+            return
+        self._done_at = trainer.global_step
+        step = self._step(trainer)
+        model = self.get_model(pl_module)
+        context = Context(
+            generator=torch.Generator(device=pl_module.device).manual_seed(self.seed),
+            batch_size=self.batch_size,
+            seed=self.seed,
+            step=step,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
+        stats: list[Stats] = []
+        with isolate_rng(), evaluation(model), torch.no_grad():
+            outputs = self._forward(model, self._probes)
+            for proxy in self.proxies:
+                stats.append(proxy.statistics(model, self._probes, outputs, context))
+        stats = _reduce(trainer, stats)
+        metrics: dict[str, float] = {}
+        for proxy, proxy_stats in zip(self.proxies, stats, strict=True):
+            metrics |= proxy.finalize(proxy_stats)
+        self._publish(trainer, metrics, step)
+
+    def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
+        named = {self.prefix + name: value for name, value in metrics.items()}
+        bad = sorted(name for name, value in named.items() if not math.isfinite(value))
+        if bad and not getattr(self, "_warned_nonfinite", False):
+            self._warned_nonfinite = True
+            rank_zero_warn(f"gapwatch: non-finite values at step {step} for {bad}; logged as is.")
+        for logger in trainer.loggers:
+            logger.log_metrics(named, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
+        self.history.append({"step": float(step), **metrics})
+        self.last_step = step
+        if len(self.history) == 1:
+            rank_zero_info(f"gapwatch: evaluating {sorted(named)} at step {step}.")
+
+
+def _first_loader(loaders: Any, role: str) -> DataLoader:
+    """The single DataLoader behind ``loaders`` (the first one if there are several)."""
+    if isinstance(loaders, DataLoader):
+        return loaders
+    if isinstance(loaders, Mapping):
+        loaders = list(loaders.values())
+    if isinstance(loaders, Sequence) and loaders and isinstance(loaders[0], DataLoader):
+        if len(loaders) > 1:
+            rank_zero_warn(f"gapwatch draws the {role} probe from the first of your loaders.")
+        return loaders[0]
+    raise TypeError(
+        f"gapwatch needs a torch DataLoader for the {role} data, got {type(loaders).__name__}."
+    )
+
+
+def _reduce(trainer: Trainer, stats: list[Stats]) -> list[Stats]:
+    """Sum every statistic over processes in one collective call."""
+    if trainer.world_size == 1:
+        return stats
+    keys = [(i, key) for i, proxy_stats in enumerate(stats) for key in sorted(proxy_stats)]
+    parts = [stats[i][key].double() for i, key in keys]
+    flat = torch.cat([part.flatten() for part in parts]).to(trainer.strategy.root_device)
+    total = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
+    summed: list[Stats] = [{} for _ in stats]
+    for (i, key), part, value in zip(
+        keys, parts, total.split([p.numel() for p in parts]), strict=True
+    ):
+        summed[i][key] = value.reshape(part.shape)
+    return summed

@@ -1,0 +1,96 @@
+"""GeneralizationMonitor: every proxy on one probe set and one clean forward pass."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from gapwatch.callbacks._proxy import Proxy
+from gapwatch.callbacks.base import ProbeCallback
+from gapwatch.callbacks.jacobian_norm import JacobianProxy
+from gapwatch.callbacks.normalized_loss import NormalizedLossProxy
+from gapwatch.callbacks.output_sensitivity import SensitivityProxy
+from gapwatch.callbacks.transitions import TransitionsProxy
+from gapwatch.callbacks.unit_ablation import AblationProxy
+
+
+class GeneralizationMonitor(ProbeCallback):
+    """Watch every generalization proxy beside the held-out loss, in one callback.
+
+    With no arguments it runs the default suite: held-out and train loss and accuracy,
+    the gap, output sensitivity with eq. 9's predicted test loss (Forouzesh et al.), the
+    softmax Jacobian norm (Novak et al.), the normalized train and test loss (Liao and
+    Poggio) and unit-ablation sparsity (Zhao et al.). Transitions are off by default:
+    they cost ``num_points`` forward passes per image.
+
+    All proxies share the probe sets and one clean forward pass per probe and
+    evaluation; the switches turn members off, the other arguments configure them.
+
+    Args:
+        sensitivity: Log ``sensitivity``, ``predicted_test_loss(_bias)`` and
+            ``bias_fraction``.
+        jacobian: Log ``jacobian_norm``.
+        normalized_loss: Log ``normalized_train_loss``, ``normalized_test_loss`` and
+            ``log_norm_product``.
+        ablation: Log ``ablation_zeta``, ``ablation_kappa`` (and ``estimated_gap``).
+        transitions: Log ``transitions``.
+        sigma: Input-noise standard deviation for the sensitivity.
+        num_draws: Noise draws per probe input.
+        jacobian_method: ``"projection"`` or ``"exact"``.
+        jacobian_output: ``"softmax"`` or ``"logits"``.
+        num_projections: Random projections per sample for the projection method.
+        normalization: ``"layerwise"`` (product of layer norms) or ``"output"`` (for
+            residual networks).
+        p: Order of the norm used for normalization.
+        layer: Module path of the ablated layer; by default chosen automatically.
+        max_classes: Classes evaluated per ablation (a random subset when there are more).
+        gap_coefficients: ``(a, b, c)`` of a fitted :class:`~gapwatch.GapEstimator`; then
+            ``estimated_gap = a * zeta + b * kappa + c`` is logged too.
+        num_points: Points on each translation loop for transitions.
+        max_images: Held-out images whose transitions are counted.
+        **kwargs: Scheduling and probe options of :class:`~gapwatch.callbacks.ProbeCallback`
+            (``every_n_epochs``, ``probe_size``, ``batch_size``, ``prefix``, ...).
+
+    Example::
+
+        trainer = Trainer(
+            callbacks=[
+                GeneralizationMonitor(),
+                EarlyStopping(monitor="gapwatch/normalized_train_loss", min_delta=1e-4),
+            ]
+        )
+    """
+
+    def __init__(
+        self,
+        sensitivity: bool = True,
+        jacobian: bool = True,
+        normalized_loss: bool = True,
+        ablation: bool = True,
+        transitions: bool = False,
+        *,
+        sigma: float = 0.1,
+        num_draws: int = 1,
+        jacobian_method: Literal["projection", "exact"] = "projection",
+        jacobian_output: Literal["softmax", "logits"] = "softmax",
+        num_projections: int = 1,
+        normalization: Literal["layerwise", "output"] = "layerwise",
+        p: float = 2.0,
+        layer: str | None = None,
+        max_classes: int = 10,
+        gap_coefficients: tuple[float, float, float] | None = None,
+        num_points: int | None = None,
+        max_images: int = 64,
+        **kwargs: Any,
+    ) -> None:
+        proxies: list[Proxy] = []
+        if sensitivity:
+            proxies.append(SensitivityProxy(sigma, num_draws))
+        if jacobian:
+            proxies.append(JacobianProxy(jacobian_method, jacobian_output, num_projections))
+        if normalized_loss:
+            proxies.append(NormalizedLossProxy(normalization, p))
+        if ablation:
+            proxies.append(AblationProxy(layer, max_classes, gap_coefficients))
+        if transitions:
+            proxies.append(TransitionsProxy(num_points, max_images))
+        super().__init__(proxies, **kwargs)

@@ -1,0 +1,118 @@
+"""Liao and Poggio's normalized train and test loss, as a callback."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from gapwatch.callbacks._probes import Probes
+from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean
+from gapwatch.callbacks.base import ProbeCallback
+from gapwatch.functional._common import check_choice, check_classifier, check_positive
+from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
+
+Mode = Literal["layerwise", "output"]
+
+
+class NormalizedLossProxy(Proxy):
+    """Cross-entropy of ``scale * f / rho`` on both probes, and ``log rho``.
+
+    The normalized logits are the shared clean logits divided by ``rho``, so the proxy
+    costs no forward pass in ``"layerwise"`` mode. In ``"output"`` mode ``rho`` comes from
+    the first ``num_reference`` train-probe inputs, the same on every process.
+    """
+
+    def __init__(
+        self, mode: Mode = "layerwise", p: float = 2.0, scale: float = 1.0, num_reference: int = 8
+    ) -> None:
+        check_choice("mode", mode, ("layerwise", "output"))
+        check_positive("p", p)
+        check_positive("scale", scale)
+        check_positive("num_reference", num_reference, integer=True)
+        self.mode = mode
+        self.p = p
+        self.scale = scale
+        self.num_reference = num_reference
+
+    def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
+        """Fail now on a regression model or an architecture the mode cannot normalize."""
+        check_classifier(num_outputs, "The normalized cross-entropy")
+        output_mode = self.mode == "output"
+        self.reference = probes.train.inputs[: self.num_reference] if output_mode else None
+        self._log_rho(model)
+
+    def statistics(
+        self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
+    ) -> Stats:
+        """``log rho`` and the summed normalized losses of both probes."""
+        options = {"mode": self.mode, "p": self.p, "reference_inputs": self._reference(model)}
+        stats: Stats = {
+            "log_norm_product_sum": self._log_rho(model),
+            "log_norm_product_count": torch.ones((), dtype=torch.float64),
+        }
+        pairs = [("train", probes.train, outputs.train_logits)]
+        if probes.heldout is not None and outputs.heldout_logits is not None:
+            pairs.append(("test", probes.heldout, outputs.heldout_logits))
+        for role, probe, logits in pairs:
+            if probe.targets is None:
+                continue
+            loss = normalized_cross_entropy(
+                model, probe.inputs, probe.targets, scale=self.scale, logits=logits, **options
+            )
+            count = len(probe)
+            stats[f"normalized_{role}_loss_sum"] = loss.double().cpu() * count
+            stats[f"normalized_{role}_loss_count"] = torch.tensor(float(count), dtype=torch.float64)
+        return stats
+
+    def finalize(self, stats: Stats) -> dict[str, float]:
+        """Mean normalized losses and ``log rho``."""
+        names = [n.removesuffix("_sum") for n in stats if n.endswith("_sum")]
+        return {name: mean(stats, name) for name in names}
+
+    def _reference(self, model: nn.Module) -> Tensor | None:
+        if self.reference is None:
+            return None
+        return self.reference.to(next(iter(model.parameters())).device)
+
+    def _log_rho(self, model: nn.Module) -> Tensor:
+        log_rho = normalization_factor(
+            model, mode=self.mode, p=self.p, reference_inputs=self._reference(model), log=True
+        )
+        return log_rho.double().cpu()
+
+
+class NormalizedLoss(ProbeCallback):
+    """Log the normalized train and test loss (Liao and Poggio), beside the held-out loss.
+
+    Logged (under ``prefix``): ``normalized_train_loss``, ``normalized_test_loss``,
+    ``log_norm_product`` (the log of the normalization factor rho), plus the held-out and
+    train loss and accuracy with their ``gap``. The normalized train loss needs no
+    held-out data, which makes it a candidate signal for early stopping::
+
+        EarlyStopping(monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=3)
+
+    Its values sit just below ``ln K`` with differences in the 4th decimal (the
+    normalized network's outputs are tiny), so set ``min_delta`` to that scale or use
+    ``scale`` (eq. 6's ``R``) to spread them.
+
+    Args:
+        mode: ``"layerwise"``: rho is the product of the layers' weight norms (BatchNorm
+            folded in); ``"output"``: rho is the mean output norm on reference inputs,
+            for residual networks.
+        p: Order of the norm.
+        scale: The scale ``R`` the normalized logits are multiplied by.
+        num_reference: Train-probe inputs used as references in ``"output"`` mode.
+        **kwargs: Scheduling and probe options of :class:`~gapwatch.callbacks.ProbeCallback`.
+    """
+
+    def __init__(
+        self,
+        mode: Mode = "layerwise",
+        p: float = 2.0,
+        scale: float = 1.0,
+        num_reference: int = 8,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__([NormalizedLossProxy(mode, p, scale, num_reference)], **kwargs)

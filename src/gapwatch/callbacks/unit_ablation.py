@@ -1,0 +1,208 @@
+"""Zhao et al.'s cumulative unit-ablation sparsity (zeta, kappa), as a callback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+
+from gapwatch.callbacks._probes import Probe, Probes
+from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean
+from gapwatch.callbacks.base import ProbeCallback
+from gapwatch.functional._common import check_classifier, check_positive, evaluation
+from gapwatch.functional.ablation import LayerSplit, ablation_from_activations, split_model
+
+# Modules whose output is not a layer of units worth ablating.
+_PASS_THROUGH = (
+    nn.Flatten,
+    nn.Unflatten,
+    nn.Identity,
+    nn.modules.dropout._DropoutNd,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.modules.batchnorm._NormBase,
+)
+
+
+def default_layer(model: nn.Module, inputs: Tensor) -> str:
+    """The layer Zhao et al. would ablate: the last hidden layer before the classifier.
+
+    One forward pass records the order in which modules finish. The classifier is the
+    last ``nn.Linear`` to run; the choice is the last module to finish before it that
+    runs once, outputs ``[N, F]`` or ``[N, C, H, W]``, does not contain the classifier
+    and is not a pass-through (pooling, flatten, dropout, normalization). For a
+    ``conv -> BN -> ReLU`` stack that is the ReLU, so removing a unit zeroes its
+    activated map; for torchvision's ResNets it is the last residual stage.
+
+    Args:
+        model: The classifier.
+        inputs: A few probe inputs on the model's device.
+
+    Returns:
+        The module path.
+
+    Raises:
+        ValueError: If the model has no ``nn.Linear`` classifier or no layer before it.
+    """
+    finished: list[tuple[str, int]] = []
+    calls: dict[str, int] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            calls[name] = calls.get(name, 0) + 1
+            ndim = output.ndim if isinstance(output, Tensor) else -1
+            finished.append((name, ndim))
+
+        return hook
+
+    named = [(name, m) for name, m in model.named_modules() if name]
+    handles = [m.register_forward_hook(record(name)) for name, m in named]
+    try:
+        with evaluation(model), torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(named)
+    linears = [i for i, (name, _) in enumerate(finished) if isinstance(modules[name], nn.Linear)]
+    if not linears:
+        raise ValueError(
+            "gapwatch found no nn.Linear classifier to place the ablation layer before; "
+            "pass `layer=` with the module path to ablate."
+        )
+    classifier = finished[linears[-1]][0]
+    for name, ndim in reversed(finished[: linears[-1]]):
+        module = modules[name]
+        if (
+            calls[name] == 1
+            and ndim in (2, 4)
+            and not isinstance(module, _PASS_THROUGH)
+            and not classifier.startswith(f"{name}.")
+        ):
+            return name
+    raise ValueError(
+        f"gapwatch found no layer before the classifier {classifier!r} to ablate; "
+        "pass `layer=` with a module path."
+    )
+
+
+class AblationProxy(Proxy):
+    """Class-mean zeta and kappa of cumulative unit ablation on the train probe.
+
+    Classes are independent (class ``j``'s curves use only class-``j`` samples and their
+    own unit ranking), so under data parallelism each process takes a share of the
+    classes over the whole train probe: the summed result is exactly the single-process
+    one. The layer's activation is captured once and only the network after the layer is
+    rerun, batched over ablation levels.
+    """
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        max_classes: int = 10,
+        gap_coefficients: tuple[float, float, float] | None = None,
+    ) -> None:
+        check_positive("max_classes", max_classes, integer=True)
+        if gap_coefficients is not None and len(gap_coefficients) != 3:
+            raise ValueError(
+                "`gap_coefficients` must be the three numbers (a, b, c) of "
+                f"`gap = a * zeta + b * kappa + c`, got {gap_coefficients!r}."
+            )
+        self.layer = layer
+        self.max_classes = max_classes
+        self.gap_coefficients = gap_coefficients
+
+    def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
+        """Pick (or check) the layer and split the model there, before training starts."""
+        check_classifier(num_outputs, "Unit ablation")
+        device = next(iter(model.parameters())).device
+        if self.layer is None:
+            self.layer = default_layer(model, probes.train.inputs[:2].to(device))
+            rank_zero_info(f"gapwatch: unit ablation uses layer {self.layer!r}.")
+        self.split: LayerSplit = split_model(model, self.layer)
+        self.num_classes = num_outputs
+        self.probe: Probe = probes.train
+        activation, _ = self.split.capture(probes.train.inputs[:2])
+        if activation.ndim not in (2, 4):
+            raise ValueError(
+                f"The output of layer {self.layer!r} has shape {tuple(activation.shape)}; "
+                "unit ablation needs [N, F] or [N, C, H, W]: pick another `layer`."
+            )
+
+    def statistics(
+        self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
+    ) -> Stats:
+        """Sums of per-class zeta and kappa over this process's share of the classes."""
+        targets = self.probe.targets
+        assert targets is not None  # LossProxy.setup insists on labelled train batches
+        present = torch.unique(targets)
+        subset = torch.randperm(len(present), generator=_cpu(context))[: self.max_classes]
+        mine = present[subset.sort().values][context.rank :: context.world_size]
+        stats: Stats = {
+            name: torch.zeros((), dtype=torch.float64) for name in ("zeta_sum", "kappa_sum")
+        }
+        stats["classes_count"] = torch.tensor(float(len(mine)), dtype=torch.float64)
+        if len(mine) == 0:
+            return stats
+        keep = torch.isin(targets, mine)
+        inputs = self.probe.inputs[keep]
+        activation, live = self.split.capture(inputs, batch_size=context.batch_size)
+        result = ablation_from_activations(
+            self.split.suffix,
+            activation,
+            targets[keep].to(activation.device),
+            num_classes=self.num_classes,
+            live=live,
+            classes=mine.tolist(),
+            batch_size=context.batch_size,
+        )
+        self.last_result = result
+        stats["zeta_sum"] = result.zeta_per_class.double().sum().cpu()
+        stats["kappa_sum"] = result.kappa_per_class.double().sum().cpu()
+        return stats
+
+    def finalize(self, stats: Stats) -> dict[str, float]:
+        """Class means (eq. 6) and, with coefficients, the estimated gap (eq. 7)."""
+        count = stats["classes_count"]
+        stats = {**stats, "zeta_count": count, "kappa_count": count}
+        zeta, kappa = mean(stats, "zeta"), mean(stats, "kappa")
+        metrics = {"ablation_zeta": zeta, "ablation_kappa": kappa}
+        if self.gap_coefficients is not None:
+            a, b, c = self.gap_coefficients
+            metrics["estimated_gap"] = a * zeta + b * kappa + c
+        return metrics
+
+
+def _cpu(context: Context) -> torch.Generator:
+    # A fresh subset of classes at each evaluation, identical on every process.
+    return torch.Generator().manual_seed(context.seed + context.step)
+
+
+class UnitAblation(ProbeCallback):
+    """Log Zhao et al.'s ablation sparsity zeta and kappa, beside the held-out loss.
+
+    Logged (under ``prefix``): ``ablation_zeta``, ``ablation_kappa``, ``estimated_gap``
+    (with ``gap_coefficients``), plus the held-out and train loss and accuracy with
+    their ``gap``. Lower zeta and higher kappa go with a smaller generalization gap.
+
+    Args:
+        layer: Module path of the ablated layer (``"features.28"``, ``"layer4"``); by
+            default the last hidden layer before the classifier, reported once.
+        max_classes: Classes evaluated per evaluation; with more classes a random subset
+            is drawn at each evaluation.
+        gap_coefficients: ``(a, b, c)`` of a fitted :class:`~gapwatch.GapEstimator`.
+        **kwargs: Scheduling and probe options of :class:`~gapwatch.callbacks.ProbeCallback`.
+    """
+
+    def __init__(
+        self,
+        layer: str | None = None,
+        max_classes: int = 10,
+        gap_coefficients: tuple[float, float, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__([AblationProxy(layer, max_classes, gap_coefficients)], **kwargs)

@@ -1,0 +1,27 @@
+"""Pure-torch generalization proxies: no Lightning import, ever.
+
+Every function takes a model mapping a batch of inputs to logits (or a regression
+output), a tensor of inputs and keyword-only options; chunks its work with
+``batch_size``; draws randomness only from the ``generator`` it is given; and leaves
+the model's mode, parameters, ``.grad`` fields and BatchNorm buffers as it found them.
+"""
+
+from gapwatch.functional.ablation import AblationResult, unit_ablation
+from gapwatch.functional.gap_estimator import GapEstimator
+from gapwatch.functional.jacobian import jacobian_norm
+from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
+from gapwatch.functional.sensitivity import output_sensitivity, predicted_test_loss, sigma_term
+from gapwatch.functional.transitions import transitions
+
+__all__ = [
+    "AblationResult",
+    "GapEstimator",
+    "jacobian_norm",
+    "normalization_factor",
+    "normalized_cross_entropy",
+    "output_sensitivity",
+    "predicted_test_loss",
+    "sigma_term",
+    "transitions",
+    "unit_ablation",
+]

@@ -1,0 +1,200 @@
+"""Plumbing shared by every proxy: argument checks, chunking, isolation, random draws.
+
+A proxy runs inside somebody else's training job, so everything here serves one rule:
+leave the model and the global random state exactly as they were found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    """Raise a ``ValueError`` naming the valid options if ``value`` is not one of them."""
+    if value not in choices:
+        options = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"Unknown {name} {value!r}; use one of {options}.")
+
+
+def check_positive(name: str, value: float, *, integer: bool = False) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a positive (integer) number."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
+        what = "a positive integer" if integer else "a positive number"
+        raise ValueError(f"`{name}` must be {what}, got {value!r}.")
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    """``batch_size`` is ``None`` (everything at once) or a positive integer."""
+    if batch_size is not None:
+        check_positive("batch_size", batch_size, integer=True)
+
+
+def check_inputs(inputs: Any, *, min_samples: int = 1, name: str = "inputs") -> Tensor:
+    """Validate a batch of inputs: a floating tensor ``[N, ...]`` with ``N >= min_samples``.
+
+    Returns:
+        The same tensor, for chaining.
+    """
+    if not isinstance(inputs, Tensor):
+        raise TypeError(
+            f"`{name}` must be a torch.Tensor of shape [N, ...], got {type(inputs).__name__}."
+        )
+    if inputs.ndim < 2:
+        raise ValueError(
+            f"`{name}` must have a batch dimension and at least one feature dimension "
+            f"([N, ...]); got shape {tuple(inputs.shape)}. For a single sample use "
+            f"`x.unsqueeze(0)`."
+        )
+    if not inputs.is_floating_point():
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor, got {inputs.dtype}; "
+            f"convert it with `.float()`."
+        )
+    if inputs.shape[0] < min_samples:
+        raise ValueError(
+            f"`{name}` has {inputs.shape[0]} samples; this proxy needs at least {min_samples}."
+        )
+    return inputs
+
+
+def check_targets(targets: Any, num_samples: int) -> Tensor:
+    """Validate integer class labels ``[N]`` that match ``num_samples`` inputs."""
+    if not isinstance(targets, Tensor) or targets.ndim != 1:
+        got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+        raise ValueError(f"`targets` must be a 1-D tensor of class indices, got {got}.")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise TypeError(
+            f"`targets` must hold integer class indices, got {targets.dtype}; "
+            f"classification proxies do not apply to regression targets."
+        )
+    if targets.shape[0] != num_samples:
+        raise ValueError(
+            f"`targets` has {targets.shape[0]} entries but there are {num_samples} inputs."
+        )
+    return targets
+
+
+def as_outputs(out: Any) -> Tensor:
+    """Check what a model returned and bring it to ``[N, K]`` (a ``[N]`` output is ``K = 1``)."""
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"The model returned {type(out).__name__}, but gapwatch needs a model that maps "
+            "inputs to one tensor of logits [N, K] (or a regression output [N] / [N, 1]). "
+            "Wrap it, e.g. `nn.Sequential(model, PickLogits())`, or override "
+            "`forward_logits` on the callback."
+        )
+    if out.ndim == 1:
+        return out.unsqueeze(1)
+    if out.ndim != 2:
+        raise ValueError(
+            f"The model output has shape {tuple(out.shape)}; gapwatch needs [N, K] logits "
+            "or a regression output [N] / [N, 1]."
+        )
+    return out
+
+
+def check_classifier(num_outputs: int, what: str) -> None:
+    """Raise if a proxy that needs class probabilities meets a one-output (regression) model."""
+    if num_outputs < 2:
+        raise ValueError(
+            f"{what} needs class scores (K >= 2 outputs) but the model has one output. "
+            "For regression models use `output_sensitivity` or "
+            "`jacobian_norm(output='logits')`."
+        )
+
+
+def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
+    """The device of the model's first parameter or buffer (``default`` if it has none)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return default if default is not None else torch.device("cpu")
+
+
+def chunks(num_samples: int, batch_size: int | None) -> Iterator[slice]:
+    """Slices of at most ``batch_size`` rows that cover ``range(num_samples)`` in order."""
+    step = num_samples if batch_size is None else batch_size
+    for start in range(0, num_samples, max(step, 1)):
+        yield slice(start, min(start + step, num_samples))
+
+
+def forward_chunks(
+    model: nn.Module, inputs: Tensor, batch_size: int | None
+) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    """Run ``model`` over ``inputs`` chunk by chunk on the model's device.
+
+    Inputs may live on another device (a probe set kept on the CPU, say); each chunk is
+    moved over on its own, so memory grows with ``batch_size``, not with ``N``.
+
+    Yields:
+        ``(rows, x, outputs)``: the slice of ``inputs``, the chunk on the model's device
+        in float32, and the checked ``[n, K]`` float32 outputs.
+    """
+    device = model_device(model, inputs.device)
+    for rows in chunks(inputs.shape[0], batch_size):
+        x = inputs[rows].to(device=device, dtype=torch.float32)
+        yield rows, x, as_outputs(model(x)).float()
+
+
+@contextmanager
+def evaluation(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode, without autocast, and restore every submodule's flag.
+
+    Eval mode is what keeps BatchNorm from updating its running statistics and Dropout
+    from drawing on the global RNG; the flags are restored one by one because a user may
+    have frozen parts of the model in eval mode on purpose.
+    """
+    flags = [(module, module.training) for module in model.modules()]
+    device_type = model_device(model).type
+    try:
+        model.eval()
+        # Proxies are float32 by contract, even inside a bf16-mixed training loop.
+        with torch.autocast(device_type=device_type, enabled=False):
+            yield model
+    finally:
+        for module, flag in flags:
+            module.training = flag
+
+
+@contextmanager
+def gradients_enabled() -> Iterator[None]:
+    """Allow autograd even inside ``torch.inference_mode()`` or ``torch.no_grad()``.
+
+    Lightning validates under inference mode, which ``torch.enable_grad()`` alone does not
+    lift. Tensors made inside inference mode still cannot enter autograd: clone them
+    inside this context first.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def make_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """The caller's generator, or a fresh one seeded from the OS (never the global RNG)."""
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"`generator` must be a torch.Generator, got {type(generator).__name__}."
+            )
+        return generator
+    fresh = torch.Generator(device=device)
+    fresh.seed()
+    return fresh
+
+
+def randn(
+    shape: Sequence[int], generator: torch.Generator, device: torch.device
+) -> Tensor:
+    """Standard normal float32 draws from ``generator``, delivered on ``device``.
+
+    The draw happens on the generator's own device, so a CPU generator gives the same
+    numbers whether the model is on the CPU or a GPU.
+    """
+    draw = torch.randn(tuple(shape), generator=generator, device=generator.device)
+    return draw.to(device)

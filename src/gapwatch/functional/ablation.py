@@ -1,0 +1,547 @@
+"""Cumulative unit ablation and the sparsity of critical units (Zhao et al., eqs. 1-6).
+
+For every class, the units of one layer are ranked by their mean L1 activation on that
+class and zeroed cumulatively, most active first (curve ``E``) and least active first
+(curve ``E_r``); the turning points of the two curves and the area between them give
+the sparsity quantities ``zeta`` and ``kappa``.
+
+Both curves need ``2 (M + 1)`` evaluations per class. Running the whole network for each
+would repeat the part before the layer ``2 (M + 1)`` times with identical results, so the
+model is split at the layer: the prefix runs once, and only the suffix runs on the
+masked activations, all ablation levels of a class stacked into large batches.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, fx, nn
+
+from gapwatch.functional._common import (
+    as_outputs,
+    check_batch_size,
+    check_choice,
+    check_classifier,
+    check_inputs,
+    check_positive,
+    check_targets,
+    chunks,
+    evaluation,
+    model_device,
+)
+
+Prefix = Callable[[Tensor], tuple[Tensor, tuple[Tensor, ...]]]
+Suffix = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+SplitMethod = Literal["auto", "fx", "hook"]
+
+
+@dataclass(frozen=True)
+class AblationResult:
+    """Cumulative unit ablation of one layer, class by class.
+
+    Attributes:
+        classes: ``[C]`` class ids evaluated, in the order of every per-class field.
+        curves: ``[C, M+1]`` ``E(n)``: accuracy on the class after removing its ``n`` most
+            active units.
+        curves_reversed: ``[C, M+1]`` ``E_r(n)``: the same, least active units first.
+        n0: ``[C]`` turning point of ``E`` (eq. 2); ``M`` if ``E`` never reaches chance.
+        n0_r: ``[C]`` turning point of ``E_r`` (eq. 3).
+        zeta_per_class: ``[C]`` eq. 4.
+        kappa_per_class: ``[C]`` eq. 5.
+        zeta: 0-d class mean of ``zeta_per_class`` (eq. 6).
+        kappa: 0-d class mean of ``kappa_per_class`` (eq. 6).
+    """
+
+    classes: Tensor
+    curves: Tensor
+    curves_reversed: Tensor
+    n0: Tensor
+    n0_r: Tensor
+    zeta_per_class: Tensor
+    kappa_per_class: Tensor
+    zeta: Tensor
+    kappa: Tensor
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    """A model cut at one layer: ``model(x) == suffix(*prefix(x))`` in eval mode.
+
+    ``prefix(x)`` returns the layer's output and the other values the rest of the network
+    still needs (skip connections crossing the cut), each with one row per sample of
+    ``x``. ``suffix(activation, live)`` maps them to the model's output; it may be called
+    with any rows of them, e.g. the same sample repeated under different masks.
+
+    Attributes:
+        model: The model that was split; prefix and suffix share its modules.
+        layer: Path of the layer the model was cut at.
+        method: ``"fx"``: a traced graph cut in two, the suffix runs only what follows the
+            layer. ``"hook"``: a forward hook on the layer; the live value is the input
+            itself and the suffix reruns the whole model with the layer's output replaced.
+        prefix: ``x -> (activation, live)``.
+        suffix: ``(activation, live) -> output``.
+    """
+
+    model: nn.Module
+    layer: str
+    method: Literal["fx", "hook"]
+    prefix: Prefix
+    suffix: Suffix
+
+    def capture(
+        self, inputs: Tensor, *, batch_size: int | None = None
+    ) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """Run the prefix over ``inputs`` in chunks, on the model's device, in eval mode.
+
+        Args:
+            inputs: ``[N, ...]`` inputs on any device.
+            batch_size: Rows per forward call (``None``: all at once).
+
+        Returns:
+            ``(activation, live)``: the layer's output ``[N, ...]`` and the live values,
+            float tensors on the model's device.
+
+        Raises:
+            ValueError: If a live value is not a tensor with one row per sample (e.g. a
+                batch size read off the input and reused after the layer); the traced
+                suffix cannot be batched then, use ``method="hook"``.
+        """
+        check_inputs(inputs)
+        check_batch_size(batch_size)
+        device = model_device(self.model, inputs.device)
+        parts = []
+        with evaluation(self.model), torch.no_grad():
+            for rows in chunks(inputs.shape[0], batch_size):
+                x = inputs[rows].to(device=device, dtype=torch.float32)
+                activation, live = self.prefix(x)
+                _check_batched(self.layer, x.shape[0], activation, live)
+                parts.append((activation, live))
+        activation = torch.cat([a for a, _ in parts])
+        live = tuple(torch.cat(values) for values in zip(*(v for _, v in parts), strict=True))
+        return activation, live
+
+
+class UnbatchableSplitError(ValueError):
+    """A traced split whose live values cannot be repeated per ablation level."""
+
+
+def _check_batched(layer: str, n: int, activation: object, live: tuple[object, ...]) -> None:
+    if not isinstance(activation, Tensor) or activation.ndim not in (2, 4):
+        got = tuple(activation.shape) if isinstance(activation, Tensor) else type(activation)
+        raise ValueError(
+            f"Layer {layer!r} returns {got}; unit ablation needs a layer whose output is "
+            "[N, F] (features) or [N, C, H, W] (channels). Pick another layer."
+        )
+    if not all(isinstance(v, Tensor) and v.ndim > 0 and v.shape[0] == n for v in live):
+        raise UnbatchableSplitError(
+            f"The model reuses a value after {layer!r} that is not a per-sample tensor "
+            "(e.g. `n = x.shape[0]` before the layer), so the traced suffix cannot be "
+            "batched over ablation levels; use method='hook'."
+        )
+
+
+class _CutTracer(fx.Tracer):
+    """Traces through every module except the cut layer and standard torch.nn leaves."""
+
+    def __init__(self, layer: str) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.layer or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _ablatable_layers(model: nn.Module) -> list[str]:
+    """Paths of submodules that run as modules (not containers, not inside torch.nn leaves)."""
+    opaque: list[str] = []
+    paths = []
+    for name, module in model.named_modules():
+        if not name or any(name.startswith(p + ".") for p in opaque):
+            continue
+        if fx.Tracer().is_leaf_module(module, name):
+            opaque.append(name)
+        if not isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+            paths.append(name)
+    return paths
+
+
+def _check_layer(model: nn.Module, layer: str) -> None:
+    paths = _ablatable_layers(model)
+    if layer in paths:
+        return
+    shallow = [p for p in paths if p.count(".") <= 1]
+    more = f" and {len(paths) - len(shallow)} deeper ones" if len(shallow) < len(paths) else ""
+    close = difflib.get_close_matches(layer, paths, n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"{layer!r} is not a layer of {type(model).__name__}.{hint} Valid paths: "
+        f"{', '.join(shallow)}{more} (as in `model.named_modules()`)."
+    )
+
+
+def _cut_graph(model: nn.Module, graph: fx.Graph, layer: str) -> tuple[Prefix, Suffix]:
+    nodes = list(graph.nodes)
+    cuts = [n for n in nodes if n.op == "call_module" and n.target == layer]
+    if len(cuts) != 1:
+        raise ValueError(
+            f"Layer {layer!r} runs {len(cuts)} times in model.forward; unit ablation needs "
+            "a layer that runs exactly once."
+        )
+    (cut,) = cuts
+    # Everything not downstream of the cut belongs to the prefix, which runs once; of it,
+    # the input-dependent values the suffix reads must be handed over (and repeated per
+    # ablation level), while constants are simply recomputed in the suffix.
+    downstream: set[fx.Node] = set()
+    from_input: set[fx.Node] = set()
+    for node in nodes:
+        parents = node.all_input_nodes
+        if node.op == "placeholder" or any(p in from_input for p in parents):
+            from_input.add(node)
+        if any(p is cut or p in downstream for p in parents):
+            downstream.add(node)
+    if nodes[-1] not in downstream:
+        raise ValueError(f"The output of the model does not depend on layer {layer!r}.")
+    live = [
+        n
+        for n in nodes
+        if n in from_input
+        and n is not cut
+        and n not in downstream
+        and any(u in downstream for u in n.users)
+    ]
+
+    prefix_graph, env = fx.Graph(), {}
+    for node in nodes[:-1]:
+        if node not in downstream:
+            env[node] = prefix_graph.node_copy(node, env.__getitem__)
+    prefix_graph.output((env[cut], tuple(env[n] for n in live)))
+
+    suffix_graph = fx.Graph()
+    env = {n: suffix_graph.placeholder(n.name) for n in [cut, *live]}
+    for node in nodes:
+        if node in downstream or (node not in from_input and node not in env):
+            env[node] = suffix_graph.node_copy(node, env.__getitem__)
+    prefix, suffix = fx.GraphModule(model, prefix_graph), fx.GraphModule(model, suffix_graph)
+    for part in (prefix, suffix):
+        part.graph.eliminate_dead_code()
+        part.recompile()
+    return prefix, lambda activation, values: suffix(activation, *values)
+
+
+def _hook_split(model: nn.Module, layer: str) -> tuple[Prefix, Suffix]:
+    module = model.get_submodule(layer)
+
+    def run(x: Tensor, replacement: Tensor | None) -> tuple[Tensor, Tensor]:
+        seen: list[Tensor] = []
+
+        def hook(_: nn.Module, __: object, output: Tensor) -> Tensor | None:
+            # Clone: an in-place op after the layer (ReLU(inplace=True)) would alter it.
+            if replacement is None:
+                seen.append(output.clone() if isinstance(output, Tensor) else output)
+            else:
+                seen.append(replacement)
+            return replacement
+
+        handle = module.register_forward_hook(hook)
+        try:
+            out = model(x)
+        finally:
+            handle.remove()
+        if len(seen) != 1:
+            raise ValueError(
+                f"Layer {layer!r} ran {len(seen)} times in one forward pass; unit ablation "
+                "needs a layer that runs exactly once."
+            )
+        return seen[0], out
+
+    return (
+        lambda x: (run(x, None)[0], (x,)),
+        lambda activation, live: run(live[0], activation)[1],
+    )
+
+
+def split_model(model: nn.Module, layer: str, *, method: SplitMethod = "auto") -> LayerSplit:
+    """Cut ``model`` at ``layer`` into a prefix that runs once and a batched suffix.
+
+    With ``"fx"`` the model is traced by ``torch.fx`` (keeping ``layer`` and standard
+    ``torch.nn`` modules opaque) and the graph is cut after the layer; values computed
+    before the layer and used after it (residual connections) become extra suffix inputs.
+    Tracing happens in eval mode, so the split reproduces the eval-mode forward pass.
+    ``"hook"`` works for any model, including ones with data-dependent control flow that
+    do not trace, but its suffix reruns the whole network. ``"auto"`` traces and falls
+    back to the hook when tracing fails.
+
+    Args:
+        model: The network; prefix and suffix share its modules and parameters.
+        layer: Module path as in ``model.named_modules()``, e.g. ``"features.18"``,
+            ``"layer4"``, ``"3"``.
+        method: ``"auto"``, ``"fx"`` or ``"hook"``.
+
+    Returns:
+        The :class:`LayerSplit`.
+
+    Raises:
+        ValueError: If ``layer`` is not a module path of ``model`` (the message lists the
+            valid ones), or runs other than once per forward pass.
+    """
+    check_choice("method", method, ("auto", "fx", "hook"))
+    if not isinstance(layer, str):
+        raise TypeError(f"`layer` must be a module path string, got {type(layer).__name__}.")
+    _check_layer(model, layer)
+    with evaluation(model):
+        if method != "hook":
+            try:
+                graph = _CutTracer(layer).trace(model)
+            except Exception:
+                # Typically data-dependent control flow; only an explicit "fx" insists.
+                if method == "fx":
+                    raise
+            else:
+                return LayerSplit(model, layer, "fx", *_cut_graph(model, graph, layer))
+        return LayerSplit(model, layer, "hook", *_hook_split(model, layer))
+
+
+def ablation_summary(
+    curves: Tensor, curves_reversed: Tensor, *, chance: float, classes: Tensor | None = None
+) -> AblationResult:
+    """Turning points and sparsity quantities of given ablation curves (eqs. 2-6).
+
+    ``n0`` (eq. 2) is the first ``n`` with ``E(n) <= chance``, or ``M`` when the curve
+    never gets there (the least sparse value). ``n0_r`` (eq. 3) is the first maximum of
+    ``E_r``. ``zeta = (n0 + M - n0_r) / 2M`` (eq. 4), ``kappa = sum_n |E_r - E| / M``
+    (eq. 5), and both are averaged over classes (eq. 6).
+
+    Args:
+        curves: ``[C, M+1]`` ``E(n)``, most active units removed first.
+        curves_reversed: ``[C, M+1]`` ``E_r(n)``, least active units removed first.
+        chance: Chance-level accuracy.
+        classes: ``[C]`` class ids (default ``0..C-1``).
+
+    Returns:
+        The :class:`AblationResult` of these curves.
+
+    Raises:
+        ValueError: If the curves' shapes differ or have fewer than two levels.
+    """
+    if curves.shape != curves_reversed.shape or curves.ndim != 2 or curves.shape[1] < 2:
+        raise ValueError(
+            "`curves` and `curves_reversed` must both be [C, M+1] with M >= 1, got "
+            f"{tuple(curves.shape)} and {tuple(curves_reversed.shape)}."
+        )
+    m = curves.shape[1] - 1
+    above = (curves <= chance).cumsum(1) == 0
+    n0 = above.sum(1).clamp(max=m)
+    n0_r = curves_reversed.argmax(1)
+    zeta = (n0 + m - n0_r).float() / (2 * m)
+    kappa = (curves_reversed - curves).abs().sum(1) / m
+    if classes is None:
+        classes = torch.arange(curves.shape[0], device=curves.device)
+    return AblationResult(
+        classes, curves, curves_reversed, n0, n0_r, zeta, kappa, zeta.mean(), kappa.mean()
+    )
+
+
+def _present_classes(
+    targets: Tensor, num_classes: int, classes: Sequence[int] | Tensor | None
+) -> list[int]:
+    """The requested classes (default all) that have samples; warn about the others."""
+    if targets.numel() and (targets.min() < 0 or targets.max() >= num_classes):
+        raise ValueError(f"`targets` must lie in [0, {num_classes}); check `num_classes`.")
+    wanted = list(range(num_classes)) if classes is None else torch.as_tensor(classes).tolist()
+    if not isinstance(wanted, list) or not wanted or len(set(wanted)) != len(wanted):
+        raise ValueError("`classes` must be a non-empty list of distinct class ids.")
+    if not all(isinstance(c, int) and 0 <= c < num_classes for c in wanted):
+        raise ValueError(f"`classes` must be integers in [0, {num_classes}), got {wanted}.")
+    counts = torch.bincount(targets, minlength=num_classes).tolist()
+    missing = [c for c in wanted if counts[c] == 0]
+    if len(missing) == len(wanted):
+        raise ValueError(f"None of the classes {missing} has samples in `targets`.")
+    if missing:
+        warnings.warn(
+            f"Classes {missing} have no samples and are skipped; zeta and kappa average "
+            "over the other classes.",
+            stacklevel=3,
+        )
+    return [c for c in wanted if counts[c] > 0]
+
+
+def _ablate_class(
+    suffix: Suffix,
+    activations: Tensor,
+    live: tuple[Tensor, ...],
+    label: int,
+    num_classes: int,
+    batch_size: int | None,
+) -> Tensor:
+    """``[2, M+1]``: ``E`` and ``E_r`` on the samples of one class (all labelled ``label``)."""
+    num, units = activations.shape[:2]
+    levels = units + 1
+    score = activations.abs().reshape(num, units, -1).sum(2).mean(0)
+    # rank[o, u]: position of unit u in ranking o (0: most active first, 1: least active).
+    orders = [score.argsort(descending=True, stable=True), score.argsort(stable=True)]
+    rank = torch.stack(orders).argsort(1)
+    # A chunk is a block of ablation steps times a block of samples: the masked copies are
+    # a broadcast of the activations against the steps' masks, with no gather.
+    rows = 2 * levels * num if batch_size is None else batch_size
+    hits = torch.zeros(2 * levels, dtype=torch.long, device=activations.device)
+    for steps in chunks(2 * levels, max(1, rows // num)):
+        step = torch.arange(steps.start, steps.stop, device=activations.device)
+        removed = rank[step // levels] < (step % levels)[:, None]
+        removed = removed.view(len(step), 1, units, *(1,) * (activations.ndim - 2))
+        for part in chunks(num, min(num, rows)):
+            masked = torch.where(removed, 0.0, activations[part]).flatten(0, 1)
+            values = tuple(v[part].repeat(len(step), *(1,) * (v.ndim - 1)) for v in live)
+            logits = as_outputs(suffix(masked, values))
+            if logits.shape[1] != num_classes:
+                check_classifier(logits.shape[1], "unit_ablation")
+                raise ValueError(
+                    f"The model has {logits.shape[1]} outputs but num_classes={num_classes}."
+                )
+            hits[steps] += (logits.argmax(1) == label).view(len(step), -1).sum(1)
+    return hits.view(2, levels).float() / num
+
+
+def ablation_from_activations(
+    suffix: Suffix,
+    activations: Tensor,
+    targets: Tensor,
+    *,
+    num_classes: int,
+    live: Sequence[Tensor] = (),
+    classes: Sequence[int] | Tensor | None = None,
+    chance: float | None = None,
+    batch_size: int | None = None,
+) -> AblationResult:
+    """Cumulative unit ablation (eq. 1) from an already captured layer activation.
+
+    For each class ``j`` the units are ranked by their L1 attribute, ``sum_{x,y} |U(x,y)|``
+    averaged over the class's samples (ties broken by unit index), and for every level
+    ``n = 0..M`` the ``n`` first units of the descending (``E``) and of the ascending
+    (``E_r``) ranking are set to zero. All ``2 (M + 1)`` masked copies of every sample are
+    run through ``suffix`` in chunks of at most ``batch_size`` rows (one ablation level
+    of one sample is one row); a row counts as correct when its arg-max output is its
+    class. The model must be in eval mode, so that BatchNorm does not mix rows. (One
+    sentence of the paper's Sec. 3.1 swaps the names; its Sec. 3.2 and eqs. 2-3 fix ``E``
+    as most-active-first, as here.)
+
+    This is the entry point for a caller that already ran the prefix, e.g. a callback
+    that also needs the clean logits, ``split.suffix(*split.capture(x))``.
+
+    Args:
+        suffix: ``(activation, live) -> logits``, e.g. ``split_model(model, layer).suffix``.
+        activations: ``[N, M]`` or ``[N, M, H, W]`` layer outputs; a unit is a feature or
+            a channel.
+        targets: ``[N]`` integer labels.
+        num_classes: Number of classes ``K`` of the model.
+        live: Other per-sample suffix inputs (``[N, ...]`` each), repeated per level.
+        classes: Class ids to evaluate (default all); classes without samples are
+            skipped with a warning.
+        chance: Chance accuracy for eq. 2 (default ``1 / num_classes``).
+        batch_size: Rows per suffix call (``None``: all ``2 (M + 1) N`` rows at once).
+
+    Returns:
+        The :class:`AblationResult`; float32 curves on the activations' device.
+
+    Raises:
+        ValueError: On activations that are not 2-D or 4-D, labels out of range, classes
+            without any sample, a non-positive ``num_classes``, ``chance`` outside
+            [0, 1], or a model with other than ``num_classes`` outputs.
+        TypeError: On non-integer targets.
+    """
+    check_inputs(activations, name="activations")
+    if activations.ndim not in (2, 4):
+        raise ValueError(
+            f"`activations` must be [N, F] or [N, C, H, W], got {tuple(activations.shape)}; "
+            "pick a layer with a linear or convolutional output."
+        )
+    check_positive("num_classes", num_classes, integer=True)
+    check_batch_size(batch_size)
+    chance = 1.0 / num_classes if chance is None else chance
+    if not 0.0 <= chance <= 1.0:
+        raise ValueError(f"`chance` is an accuracy and must lie in [0, 1], got {chance}.")
+    targets = check_targets(targets, activations.shape[0]).to(activations.device)
+    classes = _present_classes(targets, num_classes, classes)
+    curves = []
+    for label in classes:
+        members = targets == label
+        values = tuple(v[members] for v in live)
+        curves.append(
+            _ablate_class(
+                suffix, activations[members].float(), values, label, num_classes, batch_size
+            )
+        )
+    both = torch.stack(curves)
+    ids = torch.tensor(classes, device=both.device)
+    return ablation_summary(both[:, 0], both[:, 1], chance=chance, classes=ids)
+
+
+def unit_ablation(
+    model: nn.Module,
+    layer: str,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    num_classes: int,
+    classes: Sequence[int] | Tensor | None = None,
+    chance: float | None = None,
+    batch_size: int | None = None,
+    method: SplitMethod = "auto",
+) -> AblationResult:
+    """Cumulative unit ablation of ``layer`` and its sparsity quantities (eqs. 1-6).
+
+    ``E(n)`` is the accuracy on class ``j`` (fraction of its samples predicted as ``j``)
+    after zeroing the ``n`` units with the largest mean L1 activation on class ``j``;
+    ``E_r(n)`` removes the smallest first. See :func:`ablation_from_activations` for the
+    ranking and :func:`ablation_summary` for eqs. 2-6. The layer's output is captured
+    once and only the network after it is rerun (see :func:`split_model`), batched over
+    levels, so the cost is one forward pass plus ``2 (M + 1)`` suffix passes per sample.
+
+    Args:
+        model: Classifier mapping inputs to ``[N, K]`` logits; run in eval mode and left
+            as found.
+        layer: Module path, e.g. ``"features.18"``, ``"layer4"``, ``"3"``; its output must
+            be ``[N, F]`` or ``[N, C, H, W]``.
+        inputs: ``[N, ...]`` inputs on any device.
+        targets: ``[N]`` integer labels.
+        num_classes: Number of classes ``K``.
+        classes: Class ids to evaluate (default all with at least one sample).
+        chance: Chance accuracy for eq. 2 (default ``1 / num_classes``).
+        batch_size: Rows per forward call, for the prefix and the suffix passes.
+        method: How to split the model: ``"auto"``, ``"fx"`` or ``"hook"``.
+
+    Returns:
+        The :class:`AblationResult`.
+
+    Raises:
+        ValueError: On an unknown layer (valid paths are listed), a layer output that is
+            not 2-D or 4-D, or the cases of :func:`ablation_from_activations`.
+        TypeError: On non-tensor or non-float inputs, or non-integer targets.
+    """
+    check_inputs(inputs)
+    check_targets(targets, inputs.shape[0])
+    split = split_model(model, layer, method=method)
+    with evaluation(model), torch.no_grad():
+        try:
+            activations, live = split.capture(inputs, batch_size=batch_size)
+        except UnbatchableSplitError:
+            if method != "auto":
+                raise
+            split = split_model(model, layer, method="hook")
+            activations, live = split.capture(inputs, batch_size=batch_size)
+        return ablation_from_activations(
+            split.suffix,
+            activations,
+            targets,
+            num_classes=num_classes,
+            live=live,
+            classes=classes,
+            chance=chance,
+            batch_size=batch_size,
+        )

@@ -1,0 +1,60 @@
+"""Helpers for callback tests: a quiet CPU trainer and TensorBoard event files read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gapwatch.demo import DigitsClassifier, DigitsDataModule
+
+
+def make_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
+    """A deterministic, quiet CPU trainer; tests override what they check."""
+    options: dict[str, Any] = {
+        "default_root_dir": tmp_path,
+        "accelerator": "cpu",
+        "devices": 1,
+        "max_epochs": 2,
+        "deterministic": True,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+    }
+    options.update(overrides)
+    callbacks = options.get("callbacks") or []
+    options["enable_checkpointing"] = any(isinstance(c, ModelCheckpoint) for c in callbacks)
+    return Trainer(**options)
+
+
+def fit(tmp_path: Path, callbacks: list, *, seed: int = 0, data: Any = None, **trainer_options):
+    """Train a fresh digits CNN (seeded) and return ``(trainer, model)``."""
+    seed_everything(seed, workers=True, verbose=False)
+    model = DigitsClassifier(width=8)
+    trainer = make_trainer(tmp_path, callbacks=callbacks, **trainer_options)
+    trainer.fit(model, datamodule=data if data is not None else DigitsDataModule(seed=seed))
+    return trainer, model
+
+
+def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
+    """Every scalar in the event files below ``log_dir``: ``{tag: {step: value}}``."""
+    scalars: dict[str, dict[int, float]] = {}
+    files = sorted(Path(log_dir).rglob("events.out.tfevents.*"))
+    assert files, f"no event file below {log_dir}"
+    for file in files:
+        accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            for event in accumulator.Scalars(tag):
+                scalars.setdefault(tag, {})[event.step] = event.value
+    return scalars
+
+
+@pytest.fixture
+def scalars():
+    return read_scalars
