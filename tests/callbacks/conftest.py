@@ -32,10 +32,18 @@ def make_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
     return Trainer(**options)
 
 
-def fit(tmp_path: Path, callbacks: list, *, seed: int = 0, data: Any = None, **trainer_options):
-    """Train a fresh digits CNN (seeded) and return ``(trainer, model)``."""
+def fit(
+    tmp_path: Path,
+    callbacks: list,
+    *,
+    seed: int = 0,
+    data: Any = None,
+    arch: str = "cnn",
+    **trainer_options: Any,
+):
+    """Train a fresh, seeded digits model and return ``(trainer, model)``."""
     seed_everything(seed, workers=True, verbose=False)
-    model = DigitsClassifier(width=8)
+    model = DigitsClassifier(arch=arch, width=8)
     trainer = make_trainer(tmp_path, callbacks=callbacks, **trainer_options)
     trainer.fit(model, datamodule=data if data is not None else DigitsDataModule(seed=seed))
     return trainer, model

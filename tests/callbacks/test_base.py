@@ -42,7 +42,8 @@ def test_probe_size_and_prefix(tmp_path):
     callback = OutputSensitivity(probe_size=5000, prefix="probe.")
     with pytest.warns(UserWarning, match="uses all"):
         trainer, _ = fit(tmp_path, [callback], max_epochs=1)
-    assert len(callback._probes.train) == 1258 and len(callback._probes.heldout) == 539
+    assert len(callback._probes.train) == 1258
+    assert len(callback._probes.heldout) == 539
     assert "probe.sensitivity" in trainer.callback_metrics
 
 
@@ -67,7 +68,8 @@ def test_early_stopping_on_normalized_loss_stops_early(tmp_path, check_on_train_
     monitor = GeneralizationMonitor(probe_size=64, jacobian=False, ablation=False)
     # EarlyStopping first in the list: the metric must already be there when it checks.
     trainer, _ = fit(tmp_path, [stopper, monitor], max_epochs=10)
-    assert trainer.current_epoch == 2 and stopper.stopped_epoch == 1
+    assert trainer.current_epoch == 2
+    assert stopper.stopped_epoch == 1
 
 
 def test_model_checkpoint_monitors_a_proxy(tmp_path):
@@ -88,7 +90,8 @@ def test_resume_continues_without_a_second_step_zero(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=[resumed], max_epochs=2)
     trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     steps = [int(h["step"]) for h in resumed.history]
-    assert steps[:2] == [0, 19] and steps[2:] == [39]
+    assert steps[:2] == [0, 19]
+    assert steps[2:] == [39]
     assert torch.equal(first._probes.train.inputs, resumed._probes.train.inputs)
 
 

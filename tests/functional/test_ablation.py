@@ -3,7 +3,6 @@ import torch
 import torchvision
 from torch import nn
 
-from conftest import make_mlp
 from gapwatch.functional.ablation import (
     UnbatchableSplitError,
     ablation_from_activations,
@@ -11,6 +10,7 @@ from gapwatch.functional.ablation import (
     split_model,
     unit_ablation,
 )
+from tests.conftest import make_mlp
 
 # ---------------------------------------------------------------- independent references
 
@@ -206,11 +206,11 @@ def torchvision_models():
 )
 def test_torchvision_models_match_naive_reference(torchvision_models, name, layer):
     model = torchvision_models[name]
-    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 0, 2])
     assert split_model(model, layer).method == "fx"
-    result = unit_ablation(model, layer, x, y, num_classes=3, batch_size=256)
-    assert_matches_naive(result, naive_curves(model, layer, x, y, [0, 1, 2], levels=spread))
+    result = unit_ablation(model, layer, x, y, num_classes=3, classes=[0, 2], batch_size=256)
+    assert_matches_naive(result, naive_curves(model, layer, x, y, [0, 2], levels=spread))
 
 
 def test_endpoints_are_plain_and_fully_ablated_accuracy(trained_mlp, digits):

@@ -9,8 +9,8 @@ import torch.nn.functional as F  # noqa: N812
 import torchvision
 from torch import Tensor, nn
 
-from conftest import make_mlp
 from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
+from tests.conftest import make_mlp
 
 WEIGHTED = (nn.Linear, nn.Conv2d)
 
@@ -172,15 +172,17 @@ def test_resnet18_needs_output_mode():
 
 def test_vgg11_works_layerwise():
     torch.manual_seed(0)
-    model = torchvision.models.vgg11(weights=None, num_classes=10).eval()
+    # init_weights=False keeps PyTorch's default init and skips VGG's slow second one.
+    model = torchvision.models.vgg11(weights=None, num_classes=10, init_weights=False)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
     weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
     log_rho = sum(math.log(lp_norm(w)) for w in weights)
     assert len(weights) == 11
     assert normalization_factor(model, log=True).item() == pytest.approx(log_rho, rel=1e-6)
+    loss = normalized_cross_entropy(model, x, y)  # in train mode: Dropout must be switched off
     with torch.no_grad():
-        expected = cross_entropy(model(x) / math.exp(log_rho), y)
-    assert normalized_cross_entropy(model, x, y).item() == pytest.approx(expected, abs=1e-6)
+        expected = cross_entropy(model.eval()(x) / math.exp(log_rho), y)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
 
 
 class Untraceable(nn.Module):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from conftest import make_mlp
+from tests.conftest import make_mlp
 from gapwatch.functional.sensitivity import (
     input_second_moment,
     output_sensitivity,

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from conftest import make_mlp
+from tests.conftest import make_mlp
 from gapwatch.functional.transitions import transitions
 
 

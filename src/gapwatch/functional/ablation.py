@@ -107,9 +107,10 @@ class LayerSplit:
             float tensors on the model's device.
 
         Raises:
-            ValueError: If a live value is not a tensor with one row per sample (e.g. a
-                batch size read off the input and reused after the layer); the traced
-                suffix cannot be batched then, use ``method="hook"``.
+            ValueError: If the layer's output is not ``[N, F]`` or ``[N, C, H, W]``.
+            UnbatchableSplitError: If a live value is not a tensor with one row per sample
+                (e.g. a batch size read off the input and reused after the layer); the
+                traced suffix cannot be batched then, use ``method="hook"``.
         """
         check_inputs(inputs)
         check_batch_size(batch_size)

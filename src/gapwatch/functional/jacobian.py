@@ -129,10 +129,15 @@ def jacobian_norm(
                 weights = _row_weights(detached, output)
                 classes, scale = _draw_rows(weights, num_projections, offsets[rows])
             vectors = _rows(detached, output, classes, scale)
-            (grads,) = torch.autograd.grad(logits, x, vectors, is_grads_batched=True)
-            squared.append(grads.square().flatten(2).sum(dim=(0, 2)))
+            squared.append(sum(_squared_vjp(logits, x, vector) for vector in vectors))
     norms = torch.cat(squared).sqrt()
     return norms.mean() if reduction == "mean" else norms
+
+
+def _squared_vjp(logits: Tensor, x: Tensor, vector: Tensor) -> Tensor:
+    """``||vector_i^T J_f(x_i)||^2`` for every sample ``i`` from one backward pass."""
+    (grad,) = torch.autograd.grad(logits, x, vector, retain_graph=True)
+    return grad.square().flatten(1).sum(dim=1)
 
 
 def _rows(logits: Tensor, output: str, classes: Tensor, scale: Tensor | None) -> Tensor:
