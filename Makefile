@@ -17,7 +17,7 @@ demo: $(STAMP)  ## train on digits with the full suite, write TensorBoard logs a
 	$(PY) examples/train_digits.py $(ARGS)
 
 test: $(STAMP)  ## lint and run every test
-	$(VENV)/bin/ruff check src tests examples benchmarks
+	$(VENV)/bin/ruff check src tests examples benchmarks experiments
 	$(PY) -m pytest -n 2 $(ARGS)
 
 bench: $(STAMP)  ## speed and memory against naive baselines

@@ -7,6 +7,8 @@ case that catches callbacks which draw probes by iterating the loader.
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -81,14 +83,144 @@ class DigitsDataModule(LightningDataModule):
         return DataLoader(self.val_set, batch_size=256)
 
 
-def digits_cnn(width: int = 16, *, batch_norm: bool = True, dropout: float = 0.25) -> nn.Module:
-    """A small ReLU CNN for ``[N, 1, 8, 8]`` digits (the last hidden layer is ``"5"``)."""
+#: name -> (torchvision class name, channels, image size, per-channel mean, per-channel std)
+VISION_DATASETS: dict[str, tuple[str, int, int, tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ("MNIST", 1, 28, (0.1307,), (0.3081,)),
+    "fashion-mnist": ("FashionMNIST", 1, 28, (0.2860,), (0.3530,)),
+    "cifar10": ("CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+
+
+class VisionDataModule(LightningDataModule):
+    """MNIST, Fashion-MNIST or CIFAR-10 read from a local directory; never downloaded.
+
+    ``root`` holds the files in torchvision's own layout (``MNIST/raw/...``,
+    ``FashionMNIST/raw/...``, ``cifar-10-batches-py/...``). The official test split is the
+    held-out set. CIFAR-10's checksums are not verified, so a local copy from any source
+    works.
+
+    Args:
+        name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
+        root: Directory with the data set's files.
+        batch_size: Training batch size.
+        label_noise: Share of training labels replaced by uniformly random classes.
+        seed: Seeds the label noise and the shuffle order.
+        train_size: Use only the first ``train_size`` training samples (``None``: all).
+    """
+
+    def __init__(
+        self,
+        name: Literal["mnist", "fashion-mnist", "cifar10"],
+        root: str,
+        batch_size: int = 128,
+        label_noise: float = 0.0,
+        seed: int = 0,
+        train_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        if name not in VISION_DATASETS:
+            raise ValueError(f"Unknown data set {name!r}; use one of {sorted(VISION_DATASETS)}.")
+        self.name, self.root = name, root
+        self.batch_size, self.label_noise, self.seed = batch_size, label_noise, seed
+        self.train_size = train_size
+        _, self.in_channels, self.image_size, self._mean, self._std = VISION_DATASETS[name]
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open both splits from ``root`` and corrupt the requested share of train labels."""
+        from torch.utils.data import Subset
+
+        train, test = (self._open(split) for split in (True, False))
+        if self.train_size is not None:
+            train = Subset(train, range(min(self.train_size, len(train))))
+        self.train_set, self.val_set = _NoisyLabels(train, self.label_noise, self.seed), test
+
+    def _open(self, train: bool) -> Any:
+        import torchvision
+        from torchvision import transforms
+
+        cls_name = VISION_DATASETS[self.name][0]
+        cls = _local_cifar10() if cls_name == "CIFAR10" else getattr(torchvision.datasets, cls_name)
+        transform = transforms.Compose(
+            [transforms.ToTensor(), transforms.Normalize(self._mean, self._std)]
+        )
+        try:
+            return cls(self.root, train=train, download=False, transform=transform)
+        except RuntimeError as error:
+            raise FileNotFoundError(
+                f"No {cls_name} files below {self.root!r} ({error}). gapwatch never "
+                f"downloads: place the data set there in torchvision's layout first."
+            ) from None
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled with a loader-owned generator."""
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        """The official test split."""
+        return DataLoader(self.val_set, batch_size=512)
+
+
+class _NoisyLabels(torch.utils.data.Dataset):
+    """A view of a classification data set with a fixed share of labels randomized."""
+
+    def __init__(self, base: Any, share: float, seed: int, num_classes: int = 10) -> None:
+        self.base = base
+        generator = torch.Generator().manual_seed(seed)
+        noisy = torch.rand(len(base), generator=generator) < share
+        random_labels = torch.randint(0, num_classes, (len(base),), generator=generator)
+        self.replacement = torch.where(noisy, random_labels, -1).tolist()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image, label = self.base[index]
+        replacement = self.replacement[index]
+        return image, label if replacement < 0 else replacement
+
+
+def _local_cifar10() -> type:
+    from torchvision.datasets import CIFAR10
+
+    class LocalCIFAR10(CIFAR10):
+        # Only presence is checked: a local copy need not match the download's md5.
+        def _check_integrity(self) -> bool:
+            files = [name for name, _ in self.train_list + self.test_list]
+            return all((self._folder / name).is_file() for name in files)
+
+        def _load_meta(self) -> None:
+            with open(self._folder / self.meta["filename"], "rb") as file:
+                self.classes = pickle.load(file, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+
+        @property
+        def _folder(self) -> Path:
+            return Path(self.root) / self.base_folder
+
+    return LocalCIFAR10
+
+
+def digits_cnn(
+    width: int = 16,
+    *,
+    in_channels: int = 1,
+    image_size: int = 8,
+    batch_norm: bool = True,
+    dropout: float = 0.25,
+) -> nn.Module:
+    """A small ReLU CNN for square images, ``[N, 1, 8, 8]`` digits by default.
+
+    Its last hidden layer, the one unit ablation picks, is module ``"5"``.
+    """
 
     def norm(channels: int) -> nn.Module:
         return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
 
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
+        nn.Conv2d(in_channels, width, 3, padding=1),
         norm(width),
         nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1),
@@ -97,14 +229,16 @@ def digits_cnn(width: int = 16, *, batch_norm: bool = True, dropout: float = 0.2
         nn.MaxPool2d(2),
         nn.Flatten(),
         nn.Dropout(dropout),
-        nn.Linear(2 * width * 16, 10),
+        nn.Linear(2 * width * (image_size // 2) ** 2, 10),
     )
 
 
-def digits_mlp(width: int = 64, depth: int = 2, init_scale: float = 1.0) -> nn.Module:
-    """A ReLU MLP for flattened digits; ``init_scale`` multiplies every initial weight."""
+def digits_mlp(
+    width: int = 64, depth: int = 2, init_scale: float = 1.0, *, in_features: int = 64
+) -> nn.Module:
+    """A ReLU MLP for flattened images; ``init_scale`` multiplies every initial weight."""
     layers: list[nn.Module] = [nn.Flatten()]
-    d_in = 64
+    d_in = in_features
     for _ in range(depth):
         layers += [nn.Linear(d_in, width), nn.ReLU()]
         d_in = width
@@ -122,6 +256,8 @@ class DigitsClassifier(LightningModule):
     Args:
         arch: ``"cnn"`` (BatchNorm, Dropout) or ``"mlp"``.
         width: Channels (CNN) or hidden units (MLP).
+        in_channels: Image channels (1 for digits and MNIST, 3 for CIFAR-10).
+        image_size: Image height and width (8 for digits).
         lr: SGD learning rate.
         momentum: SGD momentum.
         weight_decay: L2 penalty.
@@ -131,13 +267,18 @@ class DigitsClassifier(LightningModule):
         self,
         arch: Literal["cnn", "mlp"] = "cnn",
         width: int = 16,
+        in_channels: int = 1,
+        image_size: int = 8,
         lr: float = 0.05,
         momentum: float = 0.9,
         weight_decay: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = digits_cnn(width) if arch == "cnn" else digits_mlp(width)
+        if arch == "cnn":
+            self.net = digits_cnn(width, in_channels=in_channels, image_size=image_size)
+        else:
+            self.net = digits_mlp(width, in_features=in_channels * image_size**2)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[N, 10]``."""
@@ -183,7 +324,6 @@ def format_table(history: list[dict[str, float]], names: list[str]) -> str:
 def main(argv: list[str] | None = None) -> None:
     """Train a CNN on digits with the full gapwatch suite; write logs and a report."""
     import argparse
-    from pathlib import Path
 
     from lightning.pytorch import Trainer, seed_everything
     from lightning.pytorch.callbacks import EarlyStopping
@@ -192,6 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     from gapwatch import GeneralizationMonitor
 
     parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument(
+        "--data", choices=["digits", *VISION_DATASETS], default="digits", help="data set"
+    )
+    parser.add_argument("--data-dir", help="local directory of a torchvision data set")
+    parser.add_argument("--train-size", type=int, help="use only this many training samples")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--arch", choices=["cnn", "mlp"], default="cnn")
     parser.add_argument("--width", type=int, default=16)
@@ -203,13 +348,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     seed_everything(args.seed, verbose=False)
-    data = DigitsDataModule(label_noise=args.label_noise, seed=args.seed)
-    model = DigitsClassifier(arch=args.arch, width=args.width)
+    data: LightningDataModule
+    if args.data == "digits":
+        data, shape = DigitsDataModule(label_noise=args.label_noise, seed=args.seed), (1, 8)
+    else:
+        if args.data_dir is None:
+            parser.error(f"--data {args.data} needs --data-dir (gapwatch never downloads)")
+        vision = VisionDataModule(
+            args.data, args.data_dir, label_noise=args.label_noise, seed=args.seed,
+            train_size=args.train_size,
+        )  # fmt: skip
+        data, shape = vision, (vision.in_channels, vision.image_size)
+    model = DigitsClassifier(
+        arch=args.arch, width=args.width, in_channels=shape[0], image_size=shape[1]
+    )
     monitor = GeneralizationMonitor(transitions=True, max_images=16)
     stopper = EarlyStopping(
         monitor="gapwatch/normalized_train_loss", min_delta=1e-6, patience=args.patience
     )
-    logger = TensorBoardLogger(args.logdir, name="digits")
+    logger = TensorBoardLogger(args.logdir, name=args.data)
     trainer = Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
@@ -231,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     report = Path(logger.log_dir) / "report.md"
     stop = f"stopped early at epoch {stopper.stopped_epoch}" if stopper.stopped_epoch else "ran"
     report.write_text(
-        f"# gapwatch on digits ({args.arch}, width {args.width})\n\n"
+        f"# gapwatch on {args.data} ({args.arch}, width {args.width})\n\n"
         f"Training {stop} after {trainer.current_epoch} epochs.\n\n{table}\n"
     )
     print(f"\n{table}\n")

@@ -25,7 +25,10 @@ def analytic_linear_norms(model: nn.Module, x: torch.Tensor, output: str) -> tor
     if output == "logits":
         return weight.norm().expand(x.shape[0])
     p = logits.softmax(dim=1)
-    a = torch.diag_embed(p) - p.unsqueeze(2) * p.unsqueeze(1)
+    k = p.shape[1]
+    # diag(p) - p p^T, with 1 - p_k summed over the other classes: no cancellation.
+    others = p @ (1 - torch.eye(k, dtype=p.dtype))
+    a = torch.diag_embed(p * others) - p.unsqueeze(2) * p.unsqueeze(1) * (1 - torch.eye(k))
     return (a @ weight).flatten(1).norm(dim=1)
 
 
@@ -76,17 +79,31 @@ def test_exact_matches_the_linear_model_in_closed_form(digits, output):
     )
 
 
-def test_exact_stays_accurate_for_confident_predictions(digits):
-    """1 - p_k rounds to noise in float32 when p_k is near one; the norm must not."""
+def test_norms_stay_accurate_for_confident_predictions(digits):
+    """In float32, 1 - p_top rounds to 0 beyond logit margins of 17 and squared gradients
+    underflow below 1e-19; the norm, ~1e-24 at a margin of 60, must survive both."""
     model, x = linear_model(scale=30.0), digits[0][:64]
-    margin = model(x).topk(2).values.diff(dim=1).abs()
-    assert ((margin > 10) & (margin < 16)).any(), "needs top probabilities 1 - 1e-5 or so"
-    norms = jacobian_norm(model, x, method="exact", reduction="none")
-    torch.testing.assert_close(norms, analytic_linear_norms(model, x, "softmax").float())
+    margins = model(x).topk(2).values.diff(dim=1).abs()
+    assert (margins > 40).sum() >= 10
+    expected = analytic_linear_norms(model, x, "softmax").float()
+    exact = jacobian_norm(model, x, method="exact", reduction="none")
+    torch.testing.assert_close(exact, expected, rtol=1e-4, atol=0)
+    # Drawing as many rows as there are classes makes the estimate exact.
+    estimate = jacobian_norm(model, x, num_projections=10, reduction="none")
+    torch.testing.assert_close(estimate, expected, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("method", ["exact", "projection"])
+def test_saturated_and_nan_logits_give_zero_and_nan(digits, method):
+    model, x = linear_model(scale=3000.0), digits[0][:64]
+    saturated = model(x).softmax(dim=1).amax(dim=1) == 1  # 1 - p_top underflows to 0
+    assert saturated.sum() >= 10
+    norms = jacobian_norm(model, x, method=method, reduction="none")
+    assert torch.isfinite(norms).all()
+    assert (norms[saturated] == 0).all()
     with torch.no_grad():
-        model[1].weight.mul_(50)  # now some softmax outputs are exactly one-hot in float32
-    for method in ("exact", "projection"):
-        assert torch.isfinite(jacobian_norm(model, x, method=method, reduction="none")).all()
+        model[1].bias[0] = float("nan")
+    assert jacobian_norm(model, x, method=method).isnan()
 
 
 @pytest.mark.parametrize("output", ["softmax", "logits"])
@@ -98,27 +115,30 @@ def test_exact_matches_a_per_sample_autograd_loop(cnn, digits, output):
 
 @pytest.mark.parametrize("output", ["softmax", "logits"])
 @pytest.mark.parametrize("num_projections", [1, 2])
-def test_projection_estimates_the_squared_norm_without_bias(digits, output, num_projections):
+@pytest.mark.parametrize("confident", [False, True])
+def test_projection_estimates_the_squared_norm_without_bias(
+    digits, output, num_projections, confident
+):
     torch.manual_seed(0)
-    model, x = make_mlp(), digits[0][:16]
+    # Near-uniform softmax, or a peaked one where the top rows are drawn with certainty.
+    model = linear_model(scale=1.5) if confident else make_mlp()
+    x = digits[0][:16]
     exact = jacobian_norm(model, x, output=output, method="exact", reduction="none").square()
     repeats = 1000  # one call: each copy of a sample gets its own draw
-    estimates = (
-        jacobian_norm(
-            model,
-            x.repeat(repeats, 1, 1, 1),
-            output=output,
-            num_projections=num_projections,
-            generator=torch.Generator().manual_seed(0),
-            reduction="none",
-        )
-        .square()
-        .view(repeats, -1)
+    estimates = jacobian_norm(
+        model,
+        x.repeat(repeats, 1, 1, 1),
+        output=output,
+        num_projections=num_projections,
+        generator=torch.Generator().manual_seed(0),
+        reduction="none",
     )
+    estimates = estimates.square().view(repeats, -1)
     spread = estimates.std(dim=0)
-    assert (spread > 0.05 * exact).all(), "the estimate should be random here"
-    z = (estimates.mean(dim=0) - exact) / (spread / repeats**0.5)
-    assert z.abs().max() < 4.5  # 64 z-scores in all: a false alarm has odds below 1e-3
+    assert (spread > 0.05 * exact).sum() >= 8, "the estimate should be random here"
+    # z-scores of the 16 means; a float32 floor where a sample's estimate is exact.
+    z = (estimates.mean(dim=0) - exact) / (spread / repeats**0.5 + 1e-5 * exact)
+    assert z.abs().max() < 4.5  # a false alarm has odds below 1e-4 per case
 
 
 def test_projection_is_exact_when_the_softmax_jacobian_has_rank_one(digits):

@@ -1,0 +1,107 @@
+"""The demo's data modules (local files only) and the main job, end to end."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gapwatch.demo import DigitsDataModule, VisionDataModule, main
+
+
+def _write_mnist(root: Path, folder: str, n_train: int = 96, n_test: int = 40) -> None:
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 2051, n, 28, 28) + images.tobytes()
+        )
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 2049, n) + labels.tobytes()
+        )
+
+
+def _write_cifar10(root: Path, per_batch: int = 20) -> None:
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        batch = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": [i % 10 for i in range(per_batch)],
+        }
+        (base / name).write_bytes(pickle.dumps(batch))
+    names = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": names}))
+
+
+@pytest.mark.parametrize(
+    ("name", "folder", "shape"),
+    [("mnist", "MNIST", (1, 28, 28)), ("fashion-mnist", "FashionMNIST", (1, 28, 28))],
+)
+def test_mnist_family_reads_local_files(tmp_path, name, folder, shape):
+    _write_mnist(tmp_path, folder)
+    data = VisionDataModule(name, str(tmp_path), batch_size=32, train_size=64)
+    data.setup()
+    assert len(data.train_set) == 64 and len(data.val_set) == 40
+    x, y = next(iter(data.train_dataloader()))
+    assert x.shape == (32, *shape) and x.dtype == torch.float32
+    assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) <= 9
+
+
+def test_cifar10_reads_local_files_without_checksums(tmp_path):
+    _write_cifar10(tmp_path)
+    data = VisionDataModule("cifar10", str(tmp_path))
+    data.setup()
+    assert len(data.train_set) == 100 and len(data.val_set) == 20
+    x, _ = data.val_set[0]
+    assert x.shape == (3, 32, 32)
+
+
+def test_missing_files_say_that_nothing_is_downloaded(tmp_path):
+    data = VisionDataModule("mnist", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="never downloads"):
+        data.setup()
+
+
+def test_label_noise_changes_the_stated_share_of_labels(tmp_path):
+    _write_mnist(tmp_path, "MNIST", n_train=2000, n_test=10)
+    clean = VisionDataModule("mnist", str(tmp_path))
+    noisy = VisionDataModule("mnist", str(tmp_path), label_noise=0.5, seed=1)
+    clean.setup()
+    noisy.setup()
+    changed = sum(clean.train_set[i][1] != noisy.train_set[i][1] for i in range(2000))
+    assert changed / 2000 == pytest.approx(0.5 * 0.9, abs=0.04)  # 1 in 10 redraws agrees
+
+
+def test_digits_split_is_disjoint_and_standardized():
+    data = DigitsDataModule()
+    data.setup()
+    train = data.train_set.tensors[0]
+    assert len(data.train_set) + len(data.val_set) == 1797
+    assert train.mean().abs() < 1e-5 and (train.std() - 1).abs() < 1e-4
+
+
+def test_main_job_on_digits_writes_logs_and_report(tmp_path, capsys):
+    main(["--epochs", "2", "--logdir", str(tmp_path), "--accelerator", "cpu"])
+    out = capsys.readouterr().out
+    report = next(tmp_path.rglob("report.md"))
+    assert "| step |" in report.read_text()
+    assert f"tensorboard --logdir {tmp_path}" in out
+    assert list(tmp_path.rglob("events.out.tfevents.*"))
+
+
+def test_main_job_on_local_mnist(tmp_path, capsys):
+    _write_mnist(tmp_path / "data", "MNIST")
+    main(
+        ["--data", "mnist", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+         "--logdir", str(tmp_path / "logs"), "--accelerator", "cpu", "--width", "4"]
+    )  # fmt: skip
+    assert "gapwatch on mnist" in next((tmp_path / "logs").rglob("report.md")).read_text()
