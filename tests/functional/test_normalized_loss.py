@@ -395,3 +395,20 @@ def test_bad_input_names_the_fix(mlp, data):
             call()
     with pytest.raises(TypeError, match="integer class indices"):
         normalized_cross_entropy(mlp, x, y.float())
+
+
+def test_precomputed_log_rho_and_logits_give_the_same_loss(cnn, digits):
+    from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
+
+    x, y = digits[0][:64], digits[1][:64]
+    cnn.eval()
+    with torch.no_grad():
+        logits = cnn(x)
+    log_rho = normalization_factor(cnn, log=True)
+    direct = normalized_cross_entropy(cnn, x, y)
+    reused = normalized_cross_entropy(cnn, x, y, logits=logits, log_rho=log_rho)
+    assert torch.allclose(direct, reused, rtol=1e-6)
+    # log_rho really is used: a different factor gives a different loss.
+    assert not torch.allclose(
+        normalized_cross_entropy(cnn, x, y, logits=logits, log_rho=log_rho - 5), reused
+    )

@@ -47,9 +47,9 @@ class NormalizedLossProxy(Proxy):
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
     ) -> Stats:
         """``log rho`` and the summed normalized losses of both probes."""
-        options = {"mode": self.mode, "p": self.p, "reference_inputs": self._reference(model)}
+        log_rho = self._log_rho(model)
         stats: Stats = {
-            "log_norm_product_sum": self._log_rho(model),
+            "log_norm_product_sum": log_rho,
             "log_norm_product_count": torch.ones((), dtype=torch.float64),
         }
         pairs = [("train", probes.train, outputs.train_logits)]
@@ -59,7 +59,7 @@ class NormalizedLossProxy(Proxy):
             if probe.targets is None:
                 continue
             loss = normalized_cross_entropy(
-                model, probe.inputs, probe.targets, scale=self.scale, logits=logits, **options
+                model, probe.inputs, probe.targets, scale=self.scale, logits=logits, log_rho=log_rho
             )
             count = len(probe)
             stats[f"normalized_{role}_loss_sum"] = loss.double().cpu() * count

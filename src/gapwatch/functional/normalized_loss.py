@@ -160,6 +160,7 @@ def normalized_cross_entropy(
     scale: float = 1.0,
     batch_size: int | None = None,
     logits: Tensor | None = None,
+    log_rho: Tensor | float | None = None,
 ) -> Tensor:
     """Mean cross-entropy of ``R f(x) / rho`` (Liao-Poggio eq. 2 for K classes, eq. 6's R).
 
@@ -185,6 +186,8 @@ def normalized_cross_entropy(
         batch_size: Chunk size of the forward passes (``None``: all at once).
         logits: The model's ``[N, K]`` eval-mode outputs on ``inputs``, if already
             computed, to skip the forward pass.
+        log_rho: ``normalization_factor(model, log=True, ...)`` if already computed (with
+            ``logits``, a caller evaluating several probes computes ``rho`` once).
 
     Returns:
         A 0-d float32 tensor: the normalized loss, just below ``ln K`` for ``R = 1``.
@@ -206,7 +209,9 @@ def normalized_cross_entropy(
             f"got {shape}; or leave logits=None to run the forward pass."
         )
     log_factor = torch.tensor(math.log(scale), dtype=torch.float64)
-    if mode == "output":
+    if log_rho is not None and logits is not None:
+        log_factor = log_factor - torch.as_tensor(log_rho, dtype=torch.float64).cpu()
+    elif mode == "output":
         log_factor = log_factor - _output_log_norm(model, reference_inputs, p, batch_size).cpu()
     else:
         layers = _layers(model)

@@ -1,0 +1,394 @@
+"""Cross-run report: which proxy, read at the end of training, ranks the runs of a sweep.
+
+Every run of a sweep (one directory of TensorBoard event files) contributes the final
+value of each gapwatch scalar. Across runs, each proxy is correlated with the held-out
+loss and with the generalization gap, the model-selection use of the papers, and Zhao
+et al.'s linear gap model (eq. 7) is fitted on the ablation sparsities ζ and κ with its
+leave-one-out error. Everything here returns plain lists, dicts and numpy arrays;
+:func:`write_report` turns them into ``report.md``, CSV tables and PNG scatter plots.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gapwatch.functional.gap_estimator import GapEstimator
+
+TARGETS = ("test_loss", "gap")
+# Held-out measurements are what the proxies predict, so they are not ranked as proxies.
+HELD_OUT = frozenset({"test_loss", "test_acc", "gap"})
+# Two points always correlate perfectly; three is the least that says anything.
+MIN_RUNS = 3
+MIN_GAP_FIT_RUNS = 4  # leave-one-out needs three networks left for three coefficients
+CORRELATION_FIELDS = [
+    "proxy",
+    *(f"{stat}_{target}" for target in TARGETS for stat in ("n", "pearson", "kendall")),
+]
+
+
+class ReportError(Exception):
+    """The log directory holds nothing to report on."""
+
+
+@dataclass
+class Report:
+    """Final metrics of every run and the comparisons across runs.
+
+    Attributes:
+        logdir: The directory that was searched for runs.
+        prefix: Tag prefix of the gapwatch scalars; metric names are given without it.
+        metrics: Every metric found in some run, held-out measurements first.
+        runs: One dict per run: ``{"run": path relative to logdir, metric: final value}``;
+            a metric the run did not log is absent from its dict.
+        correlations: One dict per proxy: ``{"proxy": name}`` and, for each target in
+            :data:`TARGETS`, ``n_<target>`` (runs with both values finite),
+            ``pearson_<target>`` and ``kendall_<target>`` (NaN below :data:`MIN_RUNS`
+            runs or when either side is constant).
+        gap_fit: The output of :func:`fit_gap`, or ``None`` when too few runs have ζ, κ
+            and the gap.
+    """
+
+    logdir: Path
+    prefix: str
+    metrics: list[str]
+    runs: list[dict[str, Any]]
+    correlations: list[dict[str, Any]]
+    gap_fit: dict[str, Any] | None
+
+    @property
+    def missing(self) -> dict[str, list[str]]:
+        """``{run: metrics some other run logged and this one did not}`` for incomplete runs."""
+        gaps = {row["run"]: [m for m in self.metrics if m not in row] for row in self.runs}
+        return {run: names for run, names in gaps.items() if names}
+
+
+def find_runs(logdir: str | Path) -> list[Path]:
+    """Every directory below ``logdir`` (itself included) that holds TensorBoard event files.
+
+    Args:
+        logdir: Root of a sweep's logs.
+
+    Returns:
+        The run directories, sorted.
+
+    Raises:
+        ReportError: If ``logdir`` is not a directory or holds no event files.
+    """
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise ReportError(f"log directory {str(logdir)!r} does not exist.")
+    runs = sorted({file.parent for file in logdir.rglob("*tfevents*") if file.is_file()})
+    if not runs:
+        raise ReportError(f"no TensorBoard event files below {str(logdir)!r}.")
+    return runs
+
+
+def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
+    """The last logged value of every scalar whose tag starts with ``prefix``.
+
+    Args:
+        run_dir: One run's directory; all its event files are read, in order, so a run
+            resumed from a checkpoint counts once (TensorBoard drops the orphaned steps).
+        prefix: Tag prefix; it is removed from the returned names.
+
+    Returns:
+        ``{name: value at the highest step}``.
+    """
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    final = {}
+    for tag in accumulator.Tags()["scalars"]:
+        if tag.startswith(prefix):
+            last = max(accumulator.Scalars(tag), key=lambda event: (event.step, event.wall_time))
+            final[tag[len(prefix) :]] = float(last.value)
+    return final
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson's r; NaN when either side is constant."""
+    return _cosine(x - x.mean(), y - y.mean())
+
+
+def kendall(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b (ties in either variable corrected); NaN when either side is constant."""
+    # tau-b is the cosine between the matrices of pairwise order signs.
+    return _cosine(np.sign(x[:, None] - x), np.sign(y[:, None] - y))
+
+
+def _cosine(u: np.ndarray, v: np.ndarray) -> float:
+    norm = math.sqrt(float((u * u).sum() * (v * v).sum()))
+    return float((u * v).sum()) / norm if norm > 0 else math.nan
+
+
+def column(runs: Sequence[dict[str, Any]], name: str) -> np.ndarray:
+    """``name`` across runs as float64, NaN where a run lacks it."""
+    return np.array([row.get(name, math.nan) for row in runs], dtype=np.float64)
+
+
+def correlations(runs: Sequence[dict[str, Any]], proxies: Sequence[str]) -> list[dict[str, Any]]:
+    """Across-run Pearson and Kendall correlation of each proxy with each of :data:`TARGETS`.
+
+    Args:
+        runs: Rows as in :attr:`Report.runs`.
+        proxies: Metric names to correlate.
+
+    Returns:
+        One dict per proxy with the keys :data:`CORRELATION_FIELDS`, as in
+        :attr:`Report.correlations`. Each pair uses the runs where both values are finite.
+    """
+    table = []
+    for proxy in proxies:
+        row: dict[str, Any] = {"proxy": proxy}
+        for target in TARGETS:
+            x, y = column(runs, proxy), column(runs, target)
+            keep = np.isfinite(x) & np.isfinite(y)
+            x, y = x[keep], y[keep]
+            enough = len(x) >= MIN_RUNS
+            row[f"n_{target}"] = len(x)
+            row[f"pearson_{target}"] = pearson(x, y) if enough else math.nan
+            row[f"kendall_{target}"] = kendall(x, y) if enough else math.nan
+        table.append(row)
+    return table
+
+
+def fit_gap(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Fit ``gap = a * zeta + b * kappa + c`` (Zhao eq. 7) across runs.
+
+    Args:
+        runs: Rows as in :attr:`Report.runs`; those with finite ``ablation_zeta``,
+            ``ablation_kappa`` and ``gap`` are used.
+
+    Returns:
+        ``None`` with fewer than :data:`MIN_GAP_FIT_RUNS` usable runs, else a dict with
+        ``runs`` (names), ``zeta``, ``kappa``, ``gap``, ``predicted`` (numpy arrays),
+        ``coefficients`` ``(a, b, c)``, ``pearson``, ``ssr`` and ``loo_error`` (mean
+        absolute leave-one-out error; NaN, with the reason in ``note``, when leaving a
+        run out leaves the fit underdetermined).
+    """
+    names = ("ablation_zeta", "ablation_kappa", "gap")
+    values = np.stack([column(runs, name) for name in names])
+    keep = np.isfinite(values).all(0)
+    if keep.sum() < MIN_GAP_FIT_RUNS:
+        return None
+    zeta, kappa, gap = values[:, keep]
+    estimator = GapEstimator().fit(zeta, kappa, gap)
+    try:
+        loo_error, note = GapEstimator.leave_one_out(zeta, kappa, gap), ""
+    except ValueError as error:
+        loo_error, note = math.nan, str(error)
+    return {
+        "runs": [row["run"] for row, kept in zip(runs, keep, strict=True) if kept],
+        "zeta": zeta,
+        "kappa": kappa,
+        "gap": gap,
+        "predicted": estimator.predict(zeta, kappa).numpy(),
+        "coefficients": estimator.coefficients,
+        "pearson": estimator.pearson(zeta, kappa, gap),
+        "ssr": estimator.ssr(zeta, kappa, gap),
+        "loo_error": loo_error,
+        "note": note,
+    }
+
+
+def build_report(logdir: str | Path, prefix: str = "gapwatch/") -> Report:
+    """Read every run below ``logdir`` and compare their final metrics.
+
+    Args:
+        logdir: Root of a sweep's logs; each directory holding event files is a run.
+        prefix: Tag prefix of the gapwatch scalars.
+
+    Returns:
+        The :class:`Report`.
+
+    Raises:
+        ReportError: If there are no runs, or no run logged a scalar under ``prefix``.
+    """
+    logdir = Path(logdir)
+    runs = [
+        {"run": run.relative_to(logdir).as_posix() or ".", **final_scalars(run, prefix)}
+        for run in find_runs(logdir)
+    ]
+    found = {name for row in runs for name in row} - {"run"}
+    if not found:
+        raise ReportError(
+            f"none of the {len(runs)} runs below {str(logdir)!r} logged a scalar starting "
+            f"with {prefix!r}; pass the prefix the callbacks used with --prefix."
+        )
+    first = [name for name in (*TARGETS, "test_acc") if name in found]
+    metrics = first + sorted(found - set(first))
+    proxies = [name for name in metrics if name not in HELD_OUT]
+    return Report(logdir, prefix, metrics, runs, correlations(runs, proxies), fit_gap(runs))
+
+
+def write_report(report: Report, out: str | Path) -> list[Path]:
+    """Write ``report.md``, ``runs.csv``, ``correlations.csv`` and the scatter plots.
+
+    Args:
+        report: From :func:`build_report`.
+        out: Output directory, created if needed.
+
+    Returns:
+        The paths written, ``report.md`` first.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / "report.md", out / "runs.csv", out / "correlations.csv"]
+    _write_csv(written[1], report.runs, ["run", *report.metrics])
+    _write_csv(written[2], report.correlations, CORRELATION_FIELDS)
+    plots = {}
+    if "test_loss" in report.metrics:
+        for row in report.correlations:
+            plots[row["proxy"]] = _save(_plot_proxy(report.runs, row), out, row["proxy"])
+    if report.gap_fit is not None:
+        plots["gap_fit"] = _save(_plot_gap_fit(report.gap_fit), out, "gap_fit")
+    written[0].write_text(_markdown(report, plots))
+    return written + list(plots.values())
+
+
+def summarize(report: Report) -> str:
+    """A few lines for the terminal: runs read, best-ranking proxies, the gap fit."""
+    lines = [f"Read {len(report.runs)} runs below {report.logdir}."]
+    if report.missing:
+        lines.append(f"{len(report.missing)} runs lack some metrics: see report.md.")
+    for target in TARGETS:
+        key = f"kendall_{target}"
+        ranked = [row for row in report.correlations if math.isfinite(row[key])]
+        if ranked:
+            best = max(ranked, key=lambda row: abs(row[key]))
+            lines.append(
+                f"Best rank agreement with {target}: {best['proxy']} "
+                f"(Kendall tau {best[key]:+.3f}, {best[f'n_{target}']} runs)."
+            )
+    fit = report.gap_fit
+    if fit is not None:
+        lines.append(
+            f"Gap from ablation sparsity (eq. 7) over {len(fit['runs'])} runs: Pearson r "
+            f"{fit['pearson']:.3f}, leave-one-out mean abs. error {fit['loo_error']:.4g}."
+        )
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: list[str]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _save(figure: Figure, out: Path, name: str) -> Path:
+    path = out / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def _scatter(x: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> tuple[Figure, Any]:
+    """A scatter of labelled runs, each axis logarithmic when all its values are positive."""
+    figure = Figure(figsize=(5, 4), layout="constrained")
+    axes = figure.subplots()
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    axes.scatter(x, y)
+    for xi, yi, label in zip(x, y, np.asarray(labels)[keep], strict=True):
+        axes.annotate(label, (xi, yi), fontsize=6, alpha=0.7)
+    if len(x) and (x > 0).all():
+        axes.set_xscale("log")
+    if len(y) and (y > 0).all():
+        axes.set_yscale("log")
+    return figure, axes
+
+
+def _plot_proxy(runs: Sequence[dict[str, Any]], row: dict[str, Any]) -> Figure:
+    proxy = row["proxy"]
+    labels = [run["run"] for run in runs]
+    figure, axes = _scatter(column(runs, proxy), column(runs, "test_loss"), labels)
+    axes.set(
+        xlabel=f"final {proxy}",
+        ylabel="final test_loss",
+        title=f"r = {row['pearson_test_loss']:.3f}, tau = {row['kendall_test_loss']:.3f}",
+    )
+    return figure
+
+
+def _plot_gap_fit(fit: dict[str, Any]) -> Figure:
+    figure = Figure(figsize=(5, 4), layout="constrained")
+    axes = figure.subplots()
+    axes.scatter(fit["gap"], fit["predicted"])
+    ends = [
+        min(fit["gap"].min(), fit["predicted"].min()),
+        max(fit["gap"].max(), fit["predicted"].max()),
+    ]
+    axes.plot(ends, ends, color="gray", linewidth=0.8)  # perfect prediction
+    axes.set(
+        xlabel="measured gap (train_acc - test_acc)",
+        ylabel="a*zeta + b*kappa + c",
+        title=f"r = {fit['pearson']:.3f}, leave-one-out MAE = {fit['loo_error']:.3g}",
+    )
+    return figure
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    lines += ["| " + " | ".join(_number(value) for value in row) + " |" for row in rows]
+    return lines
+
+
+def _markdown(report: Report, plots: dict[str, Path]) -> str:
+    lines = [
+        f"# gapwatch report: {report.logdir}",
+        "",
+        f"Final value of every `{report.prefix}*` scalar in each of {len(report.runs)} runs.",
+        "",
+        "## Runs",
+        "",
+        *_table(
+            ["run", *report.metrics],
+            [[row["run"], *(row.get(m, "") for m in report.metrics)] for row in report.runs],
+        ),
+        "",
+        "## Correlation of each proxy with the held-out loss and the gap, across runs",
+        "",
+        "Pearson's r and Kendall's tau-b over the runs where both values are finite.",
+        "",
+        *_table(
+            CORRELATION_FIELDS,
+            [[row[field] for field in CORRELATION_FIELDS] for row in report.correlations],
+        ),
+    ]
+    if report.gap_fit is not None:
+        lines += ["", *_gap_section(report.gap_fit)]
+    if report.missing:
+        lines += ["", "## Runs with missing metrics", ""]
+        lines += [f"- `{run}`: {', '.join(names)}" for run, names in report.missing.items()]
+    if plots:
+        lines += ["", "## Plots", ""]
+        lines += [f"![{name}]({path.name})" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _gap_section(fit: dict[str, Any]) -> list[str]:
+    a, b, c = fit["coefficients"]
+    lines = [
+        "## Gap estimated from ablation sparsity (Zhao et al., eq. 7)",
+        "",
+        f"gap = {a:.4g} * zeta + {b:.4g} * kappa + {c:.4g}, fitted on {len(fit['runs'])} runs.",
+        "",
+        *_table(
+            ["Pearson r", "SSR", "leave-one-out mean abs. error"],
+            [[fit["pearson"], fit["ssr"], fit["loo_error"]]],
+        ),
+    ]
+    return lines + ["", fit["note"]] if fit["note"] else lines

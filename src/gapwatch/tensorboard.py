@@ -1,0 +1,266 @@
+"""What a run shows beyond scalars: proxy-versus-loss trails, ablation curves, correlations.
+
+The papers judge a proxy by how it moves with the held-out loss over training, not by its
+value at one step. This module turns a probe callback's ``history`` (one dict of metrics
+per evaluation) into that view:
+
+* :func:`correlations` — the running Kendall rank correlation of each proxy with the
+  held-out loss, logged like any metric so it can be monitored;
+* :func:`trail_figure` and :func:`ablation_figure` — matplotlib figures drawn with the Agg
+  canvas (no pyplot state, so nothing accumulates over a long run);
+* :class:`Visuals` — writes the figures, histograms, a custom-scalars layout and an
+  hparams entry to the run of a Lightning ``TensorBoardLogger``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
+from torch import Tensor
+from torchmetrics.functional import kendall_rank_corrcoef
+
+from gapwatch.functional.ablation import AblationResult
+
+History = Sequence[Mapping[str, float]]
+
+HELDOUT_LOSS = "test_loss"
+GAP_NAMES = ("train_acc", "test_acc", "gap")
+_NOT_PROXIES = frozenset({"step", HELDOUT_LOSS, "train_loss", *GAP_NAMES})
+CORR = "corr/"
+
+
+def proxy_names(metrics: Mapping[str, float]) -> list[str]:
+    """The proxies among ``metrics``: everything but losses, accuracies, gap and correlations."""
+    return [n for n in metrics if n not in _NOT_PROXIES and not n.startswith(CORR)]
+
+
+def _pairs(history: History, proxy: str) -> np.ndarray:
+    """``[N, 3]`` rows of (step, proxy, held-out loss) where both values are finite."""
+    rows = [
+        (h["step"], h[proxy], h[HELDOUT_LOSS]) for h in history if proxy in h and HELDOUT_LOSS in h
+    ]
+    table = np.array(rows, dtype=np.float64).reshape(-1, 3)
+    return table[np.isfinite(table[:, 1:]).all(1)]
+
+
+def correlations(history: History) -> dict[str, float]:
+    """Kendall's tau-b between each proxy and the held-out loss over the evaluations so far.
+
+    Args:
+        history: One mapping of metric values per evaluation, oldest first, each with a
+            ``"step"``.
+
+    Returns:
+        ``{"corr/<proxy>": tau}`` for every proxy of the latest evaluation with at least two
+        evaluations where it and the held-out loss are finite and neither is constant
+        (tau is undefined otherwise); empty without a held-out loss.
+    """
+    if not history or HELDOUT_LOSS not in history[-1]:
+        return {}
+    result = {}
+    for proxy in proxy_names(history[-1]):
+        pairs = torch.from_numpy(_pairs(history, proxy)[:, 1:])
+        if len(pairs) >= 2:
+            tau = float(kendall_rank_corrcoef(pairs[:, 0], pairs[:, 1]))
+            if math.isfinite(tau):
+                result[CORR + proxy] = tau
+    return result
+
+
+def summary_table(history: History) -> str:
+    """A few lines: each proxy's final value and its correlation with the held-out loss.
+
+    Args:
+        history: One mapping of metric values per evaluation, oldest first.
+
+    Returns:
+        The table, headed by the step, the number of evaluations and the held-out loss.
+    """
+    final = history[-1]
+    loss = f", {HELDOUT_LOSS} {final[HELDOUT_LOSS]:.4g}" if HELDOUT_LOSS in final else ""
+    lines = [
+        f"gapwatch after {len(history)} evaluations (step {int(final['step'])}{loss}):",
+        f"  {'proxy':<26}{'final':>11}{'kendall tau':>13}",
+    ]
+    for proxy in proxy_names(final):
+        tau = final.get(CORR + proxy)
+        lines.append(f"  {proxy:<26}{final[proxy]:>11.4g}{'-' if tau is None else f'{tau:+.3f}':>13}")
+    return "\n".join(lines)
+
+
+def trail_figure(history: History, proxy: str) -> Figure:
+    """The held-out loss against a proxy over the evaluations, one point per evaluation.
+
+    Points are coloured by step and joined in order; the first is ringed and labelled, so
+    the early, bias-dominated phase stands out. Each axis is logarithmic (as in the
+    papers) when all its values are positive.
+
+    Args:
+        history: One mapping of metric values per evaluation, oldest first.
+        proxy: The metric on the x axis.
+
+    Returns:
+        The figure; evaluations where either value is missing or non-finite are left out.
+    """
+    steps, x, y = _pairs(history, proxy).T
+    figure = Figure(figsize=(4.0, 3.0), dpi=72, layout="constrained")
+    axes = figure.add_subplot()
+    axes.plot(x, y, color="0.75", linewidth=1, zorder=1)
+    dots = axes.scatter(x, y, c=steps, cmap="viridis", s=22, zorder=2)
+    if len(steps):
+        axes.scatter(x[:1], y[:1], s=90, facecolors="none", edgecolors="crimson", zorder=3)
+        axes.annotate(f"step {steps[0]:.0f}", (x[0], y[0]), xytext=(4, 4),
+                      textcoords="offset points", fontsize=8, color="crimson")  # fmt: skip
+        figure.colorbar(dots, ax=axes, label="step")
+    axes.set_xscale("log" if (x > 0).all() else "linear")
+    axes.set_yscale("log" if (y > 0).all() else "linear")
+    axes.set(xlabel=proxy, ylabel=HELDOUT_LOSS, title=f"{HELDOUT_LOSS} vs {proxy}")
+    return figure
+
+
+def ablation_figure(result: AblationResult, max_classes: int = 4) -> Figure:
+    """Zhao et al.'s cumulative ablation curves of the first few classes (their Fig. 1).
+
+    ``E(n)`` removes the most active units first, ``E_r(n)`` the least active; the turning
+    points ``n0`` (eq. 2) and ``n0_r`` (eq. 3) are marked and the area between the curves,
+    ``M`` times kappa (eq. 5), is shaded.
+
+    Args:
+        result: The ablation of one evaluation.
+        max_classes: Panels drawn, one per class.
+
+    Returns:
+        The figure.
+    """
+    shown = min(len(result.classes), max_classes)
+    figure = Figure(figsize=(2.6 * max(shown, 1), 2.6), dpi=72, layout="constrained")
+    units = np.arange(result.curves.shape[1])
+    for i, axes in enumerate(figure.subplots(1, shown, sharey=True, squeeze=False)[0]):
+        e, e_r = result.curves[i].cpu().numpy(), result.curves_reversed[i].cpu().numpy()
+        n0, n0_r = int(result.n0[i]), int(result.n0_r[i])
+        axes.fill_between(units, e, e_r, color="C0", alpha=0.2, linewidth=0)
+        axes.plot(units, e, color="C3", label="E(n)")
+        axes.plot(units, e_r, color="C2", label="E_r(n)")
+        axes.plot([n0], [e[n0]], "v", color="C3", label="n0")
+        axes.plot([n0_r], [e_r[n0_r]], "^", color="C2", label="n0_r")
+        zeta, kappa = float(result.zeta_per_class[i]), float(result.kappa_per_class[i])
+        axes.set_title(f"class {int(result.classes[i])}: ζ {zeta:.2f}, κ {kappa:.2f}", fontsize=9)
+        axes.set_xlabel("units removed n")
+    figure.axes[0].set_ylabel("class accuracy")
+    figure.axes[0].legend(fontsize=7)
+    return figure
+
+
+def _anchored(tag: str) -> str:
+    # Custom-scalars charts take regular expressions matched at the start of a tag only:
+    # "gapwatch/test_loss" alone would also match "gapwatch/test_loss_bias".
+    return re.escape(tag) + "$"
+
+
+def layout(metrics: Mapping[str, float], prefix: str) -> dict[str, dict[str, list[Any]]]:
+    """A custom-scalars layout: each proxy beside the held-out loss, and the gap.
+
+    Args:
+        metrics: One evaluation's metrics (names without prefix): only these are charted.
+        prefix: The prefix of the logged names.
+
+    Returns:
+        The ``layout`` argument of ``SummaryWriter.add_custom_scalars``.
+    """
+    loss = [HELDOUT_LOSS] if HELDOUT_LOSS in metrics else []
+    charts = {
+        f"{proxy} vs {HELDOUT_LOSS}": [_anchored(prefix + n) for n in (proxy, *loss)]
+        for proxy in proxy_names(metrics)
+    }
+    if loss and proxy_names(metrics):
+        # A bare prefix matches every correlation, including those not logged yet.
+        charts[f"kendall tau with {HELDOUT_LOSS}"] = [re.escape(prefix + CORR)]
+    gap = [_anchored(prefix + n) for n in GAP_NAMES if n in metrics]
+    if gap:
+        charts["gap"] = gap
+    title = prefix.rstrip("/") or "gapwatch"
+    return {title: {name: ["Multiline", tags] for name, tags in charts.items()}}
+
+
+class Visuals:
+    """Figures, histograms, custom-scalars layout and hparams for one TensorBoard run.
+
+    Args:
+        logger: The run's logger; written to on global rank zero only.
+        prefix: The prefix of the logged names; figure tags go below ``<prefix>figures/``
+            and histograms below ``<prefix>histograms/`` (a tag holds one kind of data).
+        every_n_evaluations: Draw the figures at every n-th evaluation (the histograms and
+            the layout cost next to nothing and are always written).
+    """
+
+    def __init__(self, logger: TensorBoardLogger, prefix: str, every_n_evaluations: int) -> None:
+        self.logger = logger
+        self.prefix = prefix
+        self.every_n_evaluations = every_n_evaluations
+        self._evaluations = 0
+
+    @classmethod
+    def of(cls, trainer: Trainer, prefix: str, every_n_evaluations: int) -> Visuals | None:
+        """The visuals of the trainer's first ``TensorBoardLogger``; None without one or off rank 0."""
+        if trainer.global_rank != 0:
+            return None
+        found = (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))
+        logger = next(found, None)
+        return None if logger is None else cls(logger, prefix, every_n_evaluations)
+
+    def update(self, history: History, artifacts: Mapping[str, object], step: int) -> None:
+        """Write one evaluation: the layout (first time only), figures and histograms.
+
+        Args:
+            history: Every evaluation so far, the current one last.
+            artifacts: Per-proxy extras by name: tensors become histograms and an
+                :class:`~gapwatch.functional.AblationResult` its curves figure.
+            step: The step of the current evaluation.
+
+        Raises:
+            TypeError: If an artifact is of another type.
+        """
+        writer = self.logger.experiment
+        if self._evaluations == 0:
+            writer.add_custom_scalars(layout(history[-1], self.prefix))
+        draw = self._evaluations % self.every_n_evaluations == 0
+        self._evaluations += 1
+        figures = f"{self.prefix}figures/"
+        for name, value in artifacts.items():
+            if isinstance(value, Tensor):
+                writer.add_histogram(f"{self.prefix}histograms/{name}", value.float(), step)
+            elif isinstance(value, AblationResult):
+                if draw:
+                    writer.add_figure(figures + name, ablation_figure(value), step)
+            else:
+                raise TypeError(f"gapwatch cannot show the {type(value).__name__} {name!r}.")
+        if draw:
+            for proxy in proxy_names(history[-1]):
+                if len(_pairs(history, proxy)):
+                    writer.add_figure(figures + proxy, trail_figure(history, proxy), step)
+
+    def finish(self, settings: Mapping[str, Any], history: History) -> None:
+        """Write the hparams entry: the run's settings and its final values as metrics.
+
+        TensorBoard shows the first hparams entry of a run. Lightning writes a placeholder
+        one (``hp_metric``) at fit start unless the logger was created with
+        ``default_hp_metric=False``; this entry carries the module's hyperparameters too,
+        so nothing is lost by turning the placeholder off.
+
+        Args:
+            settings: Primitive settings of the callback and its proxies, full names.
+            history: Every evaluation of the run.
+        """
+        if not history:
+            return
+        final = {self.prefix + n: v for n, v in history[-1].items() if n != "step"}
+        params = {**self.logger.hparams, **settings}
+        self.logger.log_hyperparams(params, metrics=final, step=int(history[-1]["step"]))
