@@ -79,7 +79,7 @@ def find_runs(logdir: str | Path) -> list[Path]:
         logdir: Root of a sweep's logs.
 
     Returns:
-        The run directories, sorted.
+        The run directories, in natural order (``w8`` before ``w16``).
 
     Raises:
         ReportError: If ``logdir`` is not a directory or holds no event files.
@@ -87,10 +87,15 @@ def find_runs(logdir: str | Path) -> list[Path]:
     logdir = Path(logdir)
     if not logdir.is_dir():
         raise ReportError(f"log directory {str(logdir)!r} does not exist.")
-    runs = sorted({file.parent for file in logdir.rglob("*tfevents*") if file.is_file()})
+    runs = {file.parent for file in logdir.rglob("*tfevents*") if file.is_file()}
     if not runs:
         raise ReportError(f"no TensorBoard event files below {str(logdir)!r}.")
-    return runs
+    return sorted(runs, key=_natural_order)
+
+
+def _natural_order(path: Path) -> list[Any]:
+    # Sweeps name runs by numbers: w8 should come before w16.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
@@ -291,8 +296,10 @@ def _save(figure: Figure, out: Path, name: str) -> Path:
     return path
 
 
-def _scatter(x: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> tuple[Figure, Any]:
-    """A scatter of labelled runs, each axis logarithmic when all its values are positive."""
+def _scatter(
+    x: np.ndarray, y: np.ndarray, labels: Sequence[str], *, log: bool
+) -> tuple[Figure, Any]:
+    """Labelled runs; with ``log``, each axis whose values are all positive is logarithmic."""
     figure = Figure(figsize=(5, 4), layout="constrained")
     axes = figure.subplots()
     keep = np.isfinite(x) & np.isfinite(y)
@@ -300,9 +307,9 @@ def _scatter(x: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> tuple[Figur
     axes.scatter(x, y)
     for xi, yi, label in zip(x, y, np.asarray(labels)[keep], strict=True):
         axes.annotate(label, (xi, yi), fontsize=6, alpha=0.7)
-    if len(x) and (x > 0).all():
+    if log and len(x) and (x > 0).all():
         axes.set_xscale("log")
-    if len(y) and (y > 0).all():
+    if log and len(y) and (y > 0).all():
         axes.set_yscale("log")
     return figure, axes
 
@@ -310,7 +317,7 @@ def _scatter(x: np.ndarray, y: np.ndarray, labels: Sequence[str]) -> tuple[Figur
 def _plot_proxy(runs: Sequence[dict[str, Any]], row: dict[str, Any]) -> Figure:
     proxy = row["proxy"]
     labels = [run["run"] for run in runs]
-    figure, axes = _scatter(column(runs, proxy), column(runs, "test_loss"), labels)
+    figure, axes = _scatter(column(runs, proxy), column(runs, "test_loss"), labels, log=True)
     axes.set(
         xlabel=f"final {proxy}",
         ylabel="final test_loss",
@@ -320,9 +327,7 @@ def _plot_proxy(runs: Sequence[dict[str, Any]], row: dict[str, Any]) -> Figure:
 
 
 def _plot_gap_fit(fit: dict[str, Any]) -> Figure:
-    figure = Figure(figsize=(5, 4), layout="constrained")
-    axes = figure.subplots()
-    axes.scatter(fit["gap"], fit["predicted"])
+    figure, axes = _scatter(fit["gap"], fit["predicted"], fit["runs"], log=False)
     ends = [
         min(fit["gap"].min(), fit["predicted"].min()),
         max(fit["gap"].max(), fit["predicted"].max()),
@@ -384,11 +389,11 @@ def _gap_section(fit: dict[str, Any]) -> list[str]:
     lines = [
         "## Gap estimated from ablation sparsity (Zhao et al., eq. 7)",
         "",
-        f"gap = {a:.4g} * zeta + {b:.4g} * kappa + {c:.4g}, fitted on {len(fit['runs'])} runs.",
+        f"gap = {a:.4g} * zeta {b:+.4g} * kappa {c:+.4g}, fitted on {len(fit['runs'])} runs.",
         "",
         *_table(
             ["Pearson r", "SSR", "leave-one-out mean abs. error"],
             [[fit["pearson"], fit["ssr"], fit["loo_error"]]],
         ),
     ]
-    return lines + ["", fit["note"]] if fit["note"] else lines
+    return [*lines, "", fit["note"]] if fit["note"] else lines

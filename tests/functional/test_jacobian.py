@@ -25,10 +25,9 @@ def analytic_linear_norms(model: nn.Module, x: torch.Tensor, output: str) -> tor
     if output == "logits":
         return weight.norm().expand(x.shape[0])
     p = logits.softmax(dim=1)
-    k = p.shape[1]
+    off_diagonal = 1 - torch.eye(p.shape[1], dtype=p.dtype)
     # diag(p) - p p^T, with 1 - p_k summed over the other classes: no cancellation.
-    others = p @ (1 - torch.eye(k, dtype=p.dtype))
-    a = torch.diag_embed(p * others) - p.unsqueeze(2) * p.unsqueeze(1) * (1 - torch.eye(k))
+    a = torch.diag_embed(p * (p @ off_diagonal)) - p.unsqueeze(2) * p.unsqueeze(1) * off_diagonal
     return (a @ weight).flatten(1).norm(dim=1)
 
 
@@ -46,14 +45,9 @@ def naive_norms(model: nn.Module, x: torch.Tensor, output: str) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def trained_cnn() -> tuple[nn.Module, torch.Tensor]:
+def trained_cnn(digits) -> tuple[nn.Module, torch.Tensor]:
     """A CNN trained for 300 SGD steps on the first 1285 digits; probes: the other 512."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
-    images = (images - images.mean()) / images.std()
-    labels = torch.tensor(data.target)
+    images, labels = digits
     order = torch.Generator().manual_seed(0)
     with torch.random.fork_rng():  # init and dropout draw on the global RNG
         torch.manual_seed(0)
@@ -64,8 +58,7 @@ def trained_cnn() -> tuple[nn.Module, torch.Tensor]:
             optimizer.zero_grad()
             cross_entropy(model(images[batch]), labels[batch]).backward()
             optimizer.step()
-    model.eval()
-    return model, images[1285:]
+    return model.eval(), images[1285:]
 
 
 @pytest.mark.parametrize("output", ["softmax", "logits"])

@@ -68,6 +68,14 @@ class Proxy(ABC):
     def finalize(self, stats: Stats) -> dict[str, float]:
         """Metric values (names without prefix) from statistics summed over processes."""
 
+    def artifacts(self) -> dict[str, object]:
+        """More than scalars from this process's latest evaluation, by name, for TensorBoard.
+
+        A tensor is shown as a histogram, an ``AblationResult`` as its curves (see
+        :class:`gapwatch.tensorboard.Visuals`). Default: nothing.
+        """
+        return {}
+
 
 def mean(stats: Stats, key: str) -> float:
     """``stats[key + '_sum'] / stats[key + '_count']``; NaN when nothing was counted."""

@@ -7,9 +7,13 @@ the suite with one member. An evaluation:
    the global random state saved and restored (``Outputs``);
 2. asks every proxy for additive statistics on this process's shard of the probes;
 3. sums the statistics across processes and lets each proxy finalize its metrics;
-4. sends the metrics to every logger at the step Lightning gives the user's own
+4. adds each proxy's running rank correlation with the held-out loss (``corr/<proxy>``);
+5. sends the metrics to every logger at the step Lightning gives the user's own
    validation metrics, and into ``trainer.callback_metrics`` so ``EarlyStopping`` and
-   ``ModelCheckpoint`` can monitor them.
+   ``ModelCheckpoint`` can monitor them;
+6. with a ``TensorBoardLogger``, draws figures and histograms into its run
+   (:mod:`gapwatch.tensorboard`); at fit end it adds an hparams entry there, and a short
+   table of the final proxies and their correlations is printed.
 
 Evaluations run once before the first optimizer step (step 0) and on the last training
 batch of every ``every_n_epochs``-th epoch: that is after the epoch's final optimizer step
@@ -39,6 +43,7 @@ from gapwatch.functional._common import (
     evaluation,
     forward_chunks,
 )
+from gapwatch.tensorboard import Visuals, correlations, summary_table
 
 HeldOut = Literal["val", "test", "none"]
 
@@ -62,6 +67,8 @@ class ProbeCallback(Callback):
             (e.g. ``"net"``); by default the LightningModule itself.
         seed: Seeds the probe draw and every random draw of the proxies. The same seed
             is reused at each evaluation, so curves move with the model, not the noise.
+        figures_every_n_evaluations: With a ``TensorBoardLogger``, draw the figures at
+            every n-th evaluation (each costs some tens of milliseconds).
     """
 
     def __init__(
@@ -78,9 +85,11 @@ class ProbeCallback(Callback):
         target_key: str = "y",
         model_attr: str | None = None,
         seed: int = 0,
+        figures_every_n_evaluations: int = 1,
     ) -> None:
         super().__init__()
         check_positive("every_n_epochs", every_n_epochs, integer=True)
+        check_positive("figures_every_n_evaluations", figures_every_n_evaluations, integer=True)
         if every_n_train_steps is not None:
             check_positive("every_n_train_steps", every_n_train_steps, integer=True)
         check_positive("probe_size", probe_size, integer=True)
@@ -99,10 +108,12 @@ class ProbeCallback(Callback):
         self.target_key = target_key
         self.model_attr = model_attr
         self.seed = seed
+        self.figures_every_n_evaluations = figures_every_n_evaluations
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
         self._probes: Probes | None = None
         self._done_at: int | None = None  # global_step of the latest evaluation
+        self._visuals: Visuals | None = None
 
     @property
     def state_key(self) -> str:
@@ -131,6 +142,10 @@ class ProbeCallback(Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Find the TensorBoard run for the figures, if any (global rank zero only)."""
+        self._visuals = Visuals.of(trainer, self.prefix, self.figures_every_n_evaluations)
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Draw the probes, check every proxy against them, and evaluate at step 0."""
         if self._probes is None:
@@ -158,6 +173,14 @@ class ProbeCallback(Callback):
         """Catch an epoch whose last batch went unnoticed (an iterable loader, say)."""
         if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
             self._evaluate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the hparams entry and print the final proxies with their correlations."""
+        if self._visuals is not None:
+            self._visuals.finish(self._settings(), self.history)
+            self._visuals = None
+        if self.history:
+            rank_zero_info(summary_table(self.history))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the curves without a second step 0."""
@@ -262,7 +285,25 @@ class ProbeCallback(Callback):
         metrics: dict[str, float] = {}
         for proxy, proxy_stats in zip(self.proxies, stats, strict=True):
             metrics |= proxy.finalize(proxy_stats)
+        metrics |= correlations([*self.history, {"step": float(step), **metrics}])
         self._publish(trainer, metrics, step)
+        if self._visuals is not None:
+            artifacts = {k: v for p in self.proxies for k, v in p.artifacts().items()}
+            self._visuals.update(self.history, artifacts, step)
+
+    def _settings(self) -> dict[str, Any]:
+        """The primitive settings of this callback and its proxies, for the hparams entry."""
+        names = ("every_n_epochs", "every_n_train_steps", "probe_size", "batch_size",
+                 "heldout", "model_attr", "seed")  # fmt: skip
+        settings = {name: getattr(self, name) for name in names}
+        for proxy in self.proxies:
+            owner = type(proxy).__name__.removesuffix("Proxy").lower()
+            settings |= {
+                f"{owner}.{name}": value
+                for name, value in vars(proxy).items()
+                if not name.startswith("_") and isinstance(value, (bool, int, float, str))
+            }
+        return {self.prefix + name: value for name, value in settings.items()}
 
     def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         named = {self.prefix + name: value for name, value in metrics.items()}

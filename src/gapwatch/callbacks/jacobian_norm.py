@@ -60,6 +60,10 @@ class JacobianProxy(Proxy):
         """The mean norm."""
         return {"jacobian_norm": mean(stats, "jacobian_norm")}
 
+    def artifacts(self) -> dict[str, object]:
+        """The per-sample norms of the latest evaluation, for a histogram."""
+        return {} if self.last_norms is None else {"jacobian_norm": self.last_norms}
+
 
 class JacobianNorm(ProbeCallback):
     """Log the mean input-output Jacobian norm, beside the held-out loss.

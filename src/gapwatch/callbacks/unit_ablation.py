@@ -176,6 +176,11 @@ class AblationProxy(Proxy):
             metrics["estimated_gap"] = a * zeta + b * kappa + c
         return metrics
 
+    def artifacts(self) -> dict[str, object]:
+        """The latest ablation curves of this process's classes, for a figure."""
+        result = getattr(self, "last_result", None)  # set by the first `statistics` call
+        return {} if result is None else {"ablation_curves": result}
+
 
 def _cpu(context: Context) -> torch.Generator:
     # A fresh subset of classes at each evaluation, identical on every process.

@@ -71,9 +71,10 @@ def jacobian_norm(
     times the squared norm of ``m`` distinct rows.
 
     The square root of an unbiased estimate is biased low (Jensen), by about 1/8 of its
-    relative variance. On 512 held-out ``digits``, the default ``m = 3`` stays within
-    3% of the exact mean softmax norm for untrained (near-uniform) and trained
-    (confident) networks, where ``m = 1`` is 1-3% low and Gaussian projections 4-20%.
+    relative variance. On 512 held-out ``digits``, in 100 draws each, the default
+    ``m = 3`` came within 1.6% of the exact mean softmax norm for untrained (near-uniform)
+    and trained (confident) networks; ``m = 1`` erred by up to 8%, and Gaussian output
+    projections ``v^T J`` were 4-20% low.
 
     Args:
         model: Maps ``[n, ...]`` inputs to ``[n, K]`` logits or a ``[n]`` regression output.
@@ -120,15 +121,15 @@ def jacobian_norm(
                 check_classifier(logits.shape[1], "`jacobian_norm(output='softmax')`")
                 softmax = _scaled_softmax(logits.detach())
             classes = torch.arange(logits.shape[1], device=device).expand_as(logits)
-            weights = None
+            weights = torch.ones_like(classes, dtype=logits.dtype)
             if offsets is not None:
                 offset = offsets[rows].to(device)
                 classes, weights = _draw_rows(
                     _row_weights(softmax, logits), num_projections, offset
                 )
             squared = sum(
-                _squared_vjp(logits, x, vector)
-                for vector in _rows(softmax, logits, classes, weights)
+                _squared_vjp(logits, x, _row(softmax, logits, column, weight))
+                for column, weight in zip(classes.T, weights.T, strict=True)
             )
             norms.append(squared.sqrt() if softmax is None else softmax.scale * squared.sqrt())
     norms = torch.cat(norms)
@@ -169,24 +170,17 @@ def _scaled_softmax(logits: Tensor) -> _ScaledSoftmax:
     return _ScaledSoftmax(p, top, complement, p / scale, scale.squeeze(1))
 
 
-def _rows(
-    softmax: _ScaledSoftmax | None, logits: Tensor, classes: Tensor, weights: Tensor | None
+def _row(
+    softmax: _ScaledSoftmax | None, logits: Tensor, classes: Tensor, weights: Tensor
 ) -> Tensor:
-    """Vectors ``[m, n, K]``: rows ``classes`` (``[n, m]``) of ``A'`` (or of the identity).
-
-    Row ``j`` of the result is multiplied by ``weights[:, j]`` if given.
-    """
+    """``[n, K]``: row ``classes[i]`` of ``A'`` (or of the identity) times ``weights[i]``."""
     chosen = one_hot(classes, logits.shape[1]).bool()
     if softmax is None:
-        vectors = chosen.to(logits.dtype)
-    else:
-        diagonal = softmax.complement.gather(1, classes).unsqueeze(2)
-        vectors = softmax.ratio.gather(1, classes).unsqueeze(2) * torch.where(
-            chosen, diagonal, -softmax.p.unsqueeze(1)
-        )
-    if weights is not None:
-        vectors = weights.unsqueeze(2) * vectors
-    return vectors.transpose(0, 1)
+        return weights.unsqueeze(1) * chosen.to(logits.dtype)
+    classes = classes.unsqueeze(1)
+    diagonal = softmax.complement.gather(1, classes)
+    coefficient = weights.unsqueeze(1) * softmax.ratio.gather(1, classes)
+    return coefficient * torch.where(chosen, diagonal, -softmax.p)
 
 
 def _row_weights(softmax: _ScaledSoftmax | None, logits: Tensor) -> Tensor:
@@ -196,7 +190,7 @@ def _row_weights(softmax: _ScaledSoftmax | None, logits: Tensor) -> Tensor:
     p, top, complement, ratio, _ = softmax
     squared = p.square()
     # ||A'_k||^2 = ratio_k^2 ((1 - p_k)^2 + sum_{j != k} p_j^2); the top row's ratio can
-    # overflow when squared, so its weight is written as p_top^2 (1 + sum_{j != top} r_j^2).
+    # overflow when squared, so its weight is written as p_top^2 (1 + sum_{j != top} ratio_j^2).
     top_row = squared * (1 + ratio.masked_fill(top, 0).square().sum(dim=1, keepdim=True))
     others = squared.sum(dim=1, keepdim=True) - squared  # no cancellation off the top
     return torch.where(top, top_row, ratio.square() * (complement.square() + others))
