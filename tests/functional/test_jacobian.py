@@ -110,11 +110,10 @@ def test_exact_matches_a_per_sample_autograd_loop(cnn, digits, output):
 @pytest.mark.parametrize("num_projections", [1, 2])
 @pytest.mark.parametrize("confident", [False, True])
 def test_projection_estimates_the_squared_norm_without_bias(
-    digits, output, num_projections, confident
+    mlp, digits, output, num_projections, confident
 ):
-    torch.manual_seed(0)
     # Near-uniform softmax, or a peaked one where the top rows are drawn with certainty.
-    model = linear_model(scale=1.5) if confident else make_mlp()
+    model = linear_model(scale=1.5) if confident else mlp
     x = digits[0][:16]
     exact = jacobian_norm(model, x, output=output, method="exact", reduction="none").square()
     repeats = 1000  # one call: each copy of a sample gets its own draw

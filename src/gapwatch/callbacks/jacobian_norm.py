@@ -24,7 +24,7 @@ class JacobianProxy(Proxy):
         self,
         method: Method = "projection",
         output: Output = "softmax",
-        num_projections: int = 1,
+        num_projections: int = 3,
     ) -> None:
         check_choice("method", method, ("projection", "exact"))
         check_choice("output", output, ("softmax", "logits"))
@@ -83,7 +83,7 @@ class JacobianNorm(ProbeCallback):
         self,
         method: Method = "projection",
         output: Output = "softmax",
-        num_projections: int = 1,
+        num_projections: int = 3,
         **kwargs: Any,
     ) -> None:
         super().__init__([JacobianProxy(method, output, num_projections)], **kwargs)

@@ -72,7 +72,7 @@ class GeneralizationMonitor(ProbeCallback):
         num_draws: int = 1,
         jacobian_method: Literal["projection", "exact"] = "projection",
         jacobian_output: Literal["softmax", "logits"] = "softmax",
-        num_projections: int = 1,
+        num_projections: int = 3,
         normalization: Literal["layerwise", "output"] = "layerwise",
         p: float = 2.0,
         layer: str | None = None,
