@@ -20,8 +20,6 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
-from gapwatch.demo import digits_cnn
-
 
 @dataclass(frozen=True)
 class Sizes:
@@ -37,9 +35,10 @@ class Sizes:
 
 @dataclass
 class Timings:
-    """Wall times of several callables, measured round-robin."""
+    """Wall times of several callables, measured round-robin, and their last results."""
 
     seconds: dict[str, list[float]] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
         """Median seconds of one call of ``name``."""
@@ -51,15 +50,17 @@ class Timings:
         return statistics.median(a / b for a, b in pairs)
 
 
-def time_round_robin(candidates: dict[str, Callable[[], object]], repeats: int) -> Timings:
+def time_round_robin(
+    candidates: dict[str, Callable[[], object]], repeats: int, *, warm_up: bool = True
+) -> Timings:
     """Call each candidate once to warm up, then ``repeats`` rounds of one call each."""
-    for run in candidates.values():
-        run()
     timings = Timings({name: [] for name in candidates})
+    for name, run in candidates.items() if warm_up else ():
+        timings.results[name] = run()
     for _ in range(repeats):
         for name, run in candidates.items():
             start = time.perf_counter()
-            run()
+            timings.results[name] = run()
             timings.seconds[name].append(time.perf_counter() - start)
     return timings
 
@@ -148,14 +149,10 @@ def train_steps(
     return model.eval()
 
 
-def conv_net(outputs: int, *, in_channels: int = 1, stride: int = 1, width: int = 8) -> nn.Module:
-    """Two conv-BN-ReLU layers, average-pooled to 4x4, and a linear head of ``outputs``.
-
-    A ``stride`` above one shrinks large images in the first convolution, so that a
-    Jacobian with many outputs costs backward passes, not one huge head.
-    """
+def conv_net(outputs: int, *, width: int = 8) -> nn.Module:
+    """Two conv-BN-ReLU layers on 1-channel images, average-pooled to 4x4, and a linear head."""
     return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, stride=stride, padding=1),
+        nn.Conv2d(1, width, 3, padding=1),
         nn.BatchNorm2d(width),
         nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1),

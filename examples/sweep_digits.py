@@ -29,6 +29,7 @@ def sweep(
     noises: Sequence[float] = (0.0, 0.2, 0.4),
     epochs: int = 8,
     probe_size: int = 256,
+    figures_every_n_evaluations: int = 4,
     seed: int = 0,
     **trainer_options: Any,
 ) -> list[Path]:
@@ -42,6 +43,8 @@ def sweep(
         noises: Shares of corrupted training labels.
         epochs: Training epochs per run.
         probe_size: Samples in each gapwatch probe set.
+        figures_every_n_evaluations: Draw each run's TensorBoard figures this seldom; they
+            are the slow part of an evaluation, and a sweep is read through its report.
         seed: Seed of the weights, the data split, the label noise and the shuffle order.
         **trainer_options: Passed on to every ``Trainer`` (e.g. ``limit_train_batches``).
 
@@ -56,7 +59,12 @@ def sweep(
             trainer = Trainer(
                 max_epochs=epochs,
                 logger=logger,
-                callbacks=[GeneralizationMonitor(probe_size=probe_size)],
+                callbacks=[
+                    GeneralizationMonitor(
+                        probe_size=probe_size,
+                        figures_every_n_evaluations=figures_every_n_evaluations,
+                    )
+                ],
                 enable_checkpointing=False,
                 enable_progress_bar=False,
                 enable_model_summary=False,

@@ -4,8 +4,8 @@ Every run of a sweep (one directory of TensorBoard event files) contributes the 
 value of each gapwatch scalar. Across runs, each proxy is correlated with the held-out
 loss and with the generalization gap, the model-selection use of the papers, and Zhao
 et al.'s linear gap model (eq. 7) is fitted on the ablation sparsities ζ and κ with its
-leave-one-out error. Everything here returns plain lists, dicts and numpy arrays;
-:func:`write_report` turns them into ``report.md``, CSV tables and PNG scatter plots.
+leave-one-out error. :func:`build_report` returns these as plain lists, dicts and numpy
+arrays; :func:`write_report` turns them into ``report.md``, CSV tables and PNG plots.
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ CORRELATION_FIELDS = [
     "proxy",
     *(f"{stat}_{target}" for target in TARGETS for stat in ("n", "pearson", "kendall")),
 ]
+NO_GAP_FIT = (
+    f"No gap fit: it needs ablation_zeta, ablation_kappa and gap in at least "
+    f"{MIN_GAP_FIT_RUNS} runs."
+)
 
 
 class ReportError(Exception):
@@ -47,7 +51,7 @@ class Report:
     Attributes:
         logdir: The directory that was searched for runs.
         prefix: Tag prefix of the gapwatch scalars; metric names are given without it.
-        metrics: Every metric found in some run, held-out measurements first.
+        metrics: Every metric found in some run, losses, gap and accuracies first.
         runs: One dict per run: ``{"run": path relative to logdir, metric: final value}``;
             a metric the run did not log is absent from its dict.
         correlations: One dict per proxy: ``{"proxy": name}`` and, for each target in
@@ -102,8 +106,8 @@ def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, f
     """The last logged value of every scalar whose tag starts with ``prefix``.
 
     Args:
-        run_dir: One run's directory; all its event files are read, in order, so a run
-            resumed from a checkpoint counts once (TensorBoard drops the orphaned steps).
+        run_dir: One run's directory; all its event files are read, in order (steps a
+            resumed run logged again replace the earlier ones).
         prefix: Tag prefix; it is removed from the returned names.
 
     Returns:
@@ -275,8 +279,14 @@ def summarize(report: Report) -> str:
                 f"Best rank agreement with {target}: {best['proxy']} "
                 f"(Kendall tau {best[key]:+.3f}, {best[f'n_{target}']} runs)."
             )
+        else:
+            lines.append(
+                f"No correlation with {target}: needs {MIN_RUNS} runs with both, not all equal."
+            )
     fit = report.gap_fit
-    if fit is not None:
+    if fit is None:
+        lines.append(NO_GAP_FIT)
+    else:
         lines.append(
             f"Gap from ablation sparsity (eq. 7) over {len(fit['runs'])} runs: Pearson r "
             f"{fit['pearson']:.3f}, leave-one-out mean abs. error {fit['loo_error']:.4g}."
@@ -293,7 +303,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: list[str]) ->
 
 def _save(figure: Figure, out: Path, name: str) -> Path:
     path = out / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=100)
     return path
 
 
@@ -301,7 +311,7 @@ def _scatter(
     x: np.ndarray, y: np.ndarray, labels: Sequence[str], *, log: bool
 ) -> tuple[Figure, Any]:
     """Labelled runs; with ``log``, each axis whose values are all positive is logarithmic."""
-    figure = Figure(figsize=(5, 4), dpi=100)
+    figure = Figure(figsize=(5, 4))
     # Fixed margins and plain log labels: a layout engine and mathtext triple the time.
     figure.subplots_adjust(left=0.16, right=0.95, bottom=0.12, top=0.92)
     axes = figure.add_subplot()
@@ -380,8 +390,7 @@ def _markdown(report: Report, plots: dict[str, Path]) -> str:
             [[row[field] for field in CORRELATION_FIELDS] for row in report.correlations],
         ),
     ]
-    if report.gap_fit is not None:
-        lines += ["", *_gap_section(report.gap_fit)]
+    lines += ["", *_gap_section(report.gap_fit)]
     if report.missing:
         lines += ["", "## Runs with missing metrics", ""]
         lines += [f"- `{run}`: {', '.join(names)}" for run, names in report.missing.items()]
@@ -391,10 +400,13 @@ def _markdown(report: Report, plots: dict[str, Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _gap_section(fit: dict[str, Any]) -> list[str]:
+def _gap_section(fit: dict[str, Any] | None) -> list[str]:
+    title = "## Gap estimated from ablation sparsity (Zhao et al., eq. 7)"
+    if fit is None:
+        return [title, "", NO_GAP_FIT]
     a, b, c = fit["coefficients"]
     lines = [
-        "## Gap estimated from ablation sparsity (Zhao et al., eq. 7)",
+        title,
         "",
         f"gap = {a:.4g} * zeta {b:+.4g} * kappa {c:+.4g}, fitted on {len(fit['runs'])} runs.",
         "",

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -70,7 +70,8 @@ def correlations(history: History) -> dict[str, float]:
     for proxy in proxy_names(history[-1]):
         pairs = torch.from_numpy(_pairs(history, proxy)[:, 1:])
         if len(pairs) >= 2:
-            tau = float(kendall_rank_corrcoef(pairs[:, 0], pairs[:, 1]))
+            # A tensor: the (tau, p-value) tuple comes only with `t_test=True`.
+            tau = float(cast(Tensor, kendall_rank_corrcoef(pairs[:, 0], pairs[:, 1])))
             if math.isfinite(tau):
                 result[CORR + proxy] = tau
     return result
@@ -148,17 +149,17 @@ def ablation_figure(result: AblationResult, max_classes: int = 4) -> Figure:
 
     ``E(n)`` removes the most active units first, ``E_r(n)`` the least active; the turning
     points ``n0`` (eq. 2) and ``n0_r`` (eq. 3) are marked and the area between the curves,
-    ``M`` times kappa (eq. 5), is shaded.
+    which kappa sums (eq. 5), is shaded.
 
     Args:
-        result: The ablation of one evaluation.
+        result: The ablation of one evaluation (at least one class).
         max_classes: Panels drawn, one per class.
 
     Returns:
         The figure.
     """
     shown = min(len(result.classes), max_classes)
-    figure = Figure(figsize=(2.6 * max(shown, 1), 2.6), dpi=72)
+    figure = Figure(figsize=(2.6 * shown, 2.6), dpi=72)
     figure.subplots_adjust(left=0.08, right=0.98, bottom=0.17, top=0.88, wspace=0.08)
     units = np.arange(result.curves.shape[1])
     for i, axes in enumerate(figure.subplots(1, shown, sharey=True, squeeze=False)[0]):
@@ -179,7 +180,7 @@ def ablation_figure(result: AblationResult, max_classes: int = 4) -> Figure:
 
 def _anchored(tag: str) -> str:
     # Custom-scalars charts take regular expressions matched at the start of a tag only:
-    # "gapwatch/test_loss" alone would also match "gapwatch/test_loss_bias".
+    # "gapwatch/predicted_test_loss" alone would also chart "..._bias".
     return re.escape(tag) + "$"
 
 
@@ -215,8 +216,8 @@ class Visuals:
         logger: The run's logger; written to on global rank zero only.
         prefix: The prefix of the logged names; figure tags go below ``<prefix>figures/``
             and histograms below ``<prefix>histograms/`` (a tag holds one kind of data).
-        every_n_evaluations: Draw the figures at every n-th evaluation (the histograms and
-            the layout cost next to nothing and are always written).
+        every_n_evaluations: Draw the figures at every n-th evaluation, never if 0 (the
+            histograms and the layout cost next to nothing and are always written).
     """
 
     def __init__(self, logger: TensorBoardLogger, prefix: str, every_n_evaluations: int) -> None:
@@ -249,7 +250,8 @@ class Visuals:
         writer = self.logger.experiment
         if self._evaluations == 0:
             writer.add_custom_scalars(layout(history[-1], self.prefix))
-        draw = self._evaluations % self.every_n_evaluations == 0
+        every = self.every_n_evaluations
+        draw = every > 0 and self._evaluations % every == 0
         self._evaluations += 1
         figures = f"{self.prefix}figures/"
         for name, value in artifacts.items():

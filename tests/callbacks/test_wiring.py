@@ -122,3 +122,11 @@ def test_transitions_reject_non_images_before_training(tmp_path):
         fit(
             tmp_path, [Transitions(probe_size=8)], data=DigitsDataModule(flatten=True), arch="mlp"
         )
+
+
+def test_unit_ablation_shows_progress_when_it_takes_long(tmp_path, monkeypatch, capsys):
+    from gapwatch.callbacks import unit_ablation as module
+
+    monkeypatch.setattr(module, "PROGRESS_DELAY", 0.0)
+    fit(tmp_path, [UnitAblation(probe_size=64, max_classes=3)], max_epochs=1)
+    assert "gapwatch: unit ablation" in capsys.readouterr().err

@@ -68,7 +68,7 @@ class ProbeCallback(Callback):
         seed: Seeds the probe draw and every random draw of the proxies. The same seed
             is reused at each evaluation, so curves move with the model, not the noise.
         figures_every_n_evaluations: With a ``TensorBoardLogger``, draw the figures at
-            every n-th evaluation (each costs some tens of milliseconds).
+            every n-th evaluation (each costs some tens of milliseconds); 0 draws none.
     """
 
     def __init__(
@@ -89,11 +89,15 @@ class ProbeCallback(Callback):
     ) -> None:
         super().__init__()
         check_positive("every_n_epochs", every_n_epochs, integer=True)
-        check_positive("figures_every_n_evaluations", figures_every_n_evaluations, integer=True)
         if every_n_train_steps is not None:
             check_positive("every_n_train_steps", every_n_train_steps, integer=True)
         check_positive("probe_size", probe_size, integer=True)
         check_positive("batch_size", batch_size, integer=True)
+        if isinstance(figures_every_n_evaluations, bool) or figures_every_n_evaluations < 0:
+            raise ValueError(
+                "`figures_every_n_evaluations` must be a non-negative integer (0: no figures), "
+                f"got {figures_every_n_evaluations!r}."
+            )
         check_choice("heldout", heldout, ("val", "test", "none"))
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
@@ -294,7 +298,7 @@ class ProbeCallback(Callback):
     def _settings(self) -> dict[str, Any]:
         """The primitive settings of this callback and its proxies, for the hparams entry."""
         names = ("every_n_epochs", "every_n_train_steps", "probe_size", "batch_size",
-                 "heldout", "model_attr", "seed")  # fmt: skip
+                 "heldout", "model_attr", "seed", "figures_every_n_evaluations")  # fmt: skip
         settings = {name: getattr(self, name) for name in names}
         for proxy in self.proxies:
             owner = type(proxy).__name__.removesuffix("Proxy").lower()

@@ -7,12 +7,22 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from gapwatch.callbacks._probes import Probe, Probes
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_classifier, check_positive, evaluation
-from gapwatch.functional.ablation import LayerSplit, ablation_from_activations, split_model
+from gapwatch.functional.ablation import (
+    AblationResult,
+    LayerSplit,
+    ablation_from_activations,
+    ablation_summary,
+    split_model,
+)
+
+#: Seconds an ablation runs before its progress bar appears.
+PROGRESS_DELAY = 2.0
 
 # Modules whose output is not a layer of units worth ablating.
 _PASS_THROUGH = (
@@ -115,6 +125,7 @@ class AblationProxy(Proxy):
         self.layer = layer
         self.max_classes = max_classes
         self.gap_coefficients = gap_coefficients
+        self.last_result: AblationResult | None = None
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Pick (or check) the layer and split the model there, before training starts."""
@@ -151,14 +162,34 @@ class AblationProxy(Proxy):
         keep = torch.isin(targets, mine)
         inputs = self.probe.inputs[keep]
         activation, live = self.split.capture(inputs, batch_size=context.batch_size)
-        result = ablation_from_activations(
-            self.split.suffix,
-            activation,
-            targets[keep].to(activation.device),
-            num_classes=self.num_classes,
-            live=live,
-            classes=mine.tolist(),
-            batch_size=context.batch_size,
+        labels = targets[keep].to(activation.device)
+        # Class by class, so that a long ablation (a wide layer, many samples) can show
+        # progress; the bar only appears once the work has taken PROGRESS_DELAY seconds.
+        classes = tqdm(
+            mine.tolist(),
+            desc="gapwatch: unit ablation",
+            unit="class",
+            leave=False,
+            delay=PROGRESS_DELAY,
+            disable=context.rank != 0,
+        )
+        per_class = [
+            ablation_from_activations(
+                self.split.suffix,
+                activation,
+                labels,
+                num_classes=self.num_classes,
+                live=live,
+                classes=[label],
+                batch_size=context.batch_size,
+            )
+            for label in classes
+        ]
+        result = ablation_summary(
+            torch.cat([r.curves for r in per_class]),
+            torch.cat([r.curves_reversed for r in per_class]),
+            chance=1.0 / self.num_classes,
+            classes=mine.to(activation.device),
         )
         self.last_result = result
         stats["zeta_sum"] = result.zeta_per_class.double().sum().cpu()
@@ -178,8 +209,7 @@ class AblationProxy(Proxy):
 
     def artifacts(self) -> dict[str, object]:
         """The latest ablation curves of this process's classes, for a figure."""
-        result = getattr(self, "last_result", None)  # set by the first `statistics` call
-        return {} if result is None else {"ablation_curves": result}
+        return {} if self.last_result is None else {"ablation_curves": self.last_result}
 
 
 def _cpu(context: Context) -> torch.Generator:

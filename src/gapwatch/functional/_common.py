@@ -86,8 +86,9 @@ def as_outputs(out: Any) -> Tensor:
         raise TypeError(
             f"The model returned {type(out).__name__}, but gapwatch needs a model that maps "
             "inputs to one tensor of logits [N, K] (or a regression output [N] / [N, 1]). "
-            "Wrap it, e.g. `nn.Sequential(model, PickLogits())`, or override "
-            "`forward_logits` on the callback."
+            "With a gapwatch callback, pass `model_attr=` naming the submodule that returns "
+            "the logits, or override the callback's `get_model` to return a module that does "
+            "(e.g. `nn.Sequential(model, PickLogits())`, with a module picking the logits out)."
         )
     if out.ndim == 1:
         return out.unsqueeze(1)

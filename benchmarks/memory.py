@@ -1,0 +1,138 @@
+"""Case 6: peak memory of the exact Jacobian grows with ``batch_size``, not with the probes.
+
+How it is measured. tracemalloc cannot see torch's CPU allocations (they bypass Python's
+allocator), so the peak is read from the kernel: each setting runs in a fresh Python
+process, which (after building the model and the probes and one warm-up call) frees
+what it can (``gc.collect``, glibc's ``malloc_trim``), resets its resident-set
+high-water mark (writing ``5`` to ``/proc/self/clear_refs``) and reads ``VmRSS``; after
+the call ``VmHWM`` is the peak, and ``VmHWM - VmRSS`` is what the call needed on top of
+what was already there. That counts every page torch touched, whether it came from
+``malloc`` or ``mmap``. Linux only.
+
+Run as a script it measures one setting and prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import Sizes, random_images, row, seeded
+from torch import nn
+
+from gapwatch.functional import jacobian_norm
+
+IMAGE = (3, 64, 64)
+
+
+def pooled_mlp(outputs: int) -> nn.Module:
+    """Average-pooled 64x64 images into a ReLU MLP with ``outputs`` outputs.
+
+    On the CPU a convolution's backward pass costs 0.2-2 ms per sample here, and the
+    exact method runs K = 1000 of them per sample; pooling keeps the full grid of
+    settings to seconds while every backward pass still writes a full 3x64x64 gradient.
+    """
+    return nn.Sequential(
+        nn.AvgPool2d(4),
+        nn.Flatten(),
+        nn.Linear(IMAGE[0] * (IMAGE[1] // 4) * (IMAGE[2] // 4), 256),
+        nn.ReLU(),
+        nn.Linear(256, outputs),
+    )
+
+
+def _status_kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{key}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+
+def _reset_peak() -> int:
+    """Release freed memory, reset the high-water mark, and return the current RSS (KiB)."""
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")
+    return _status_kib("VmRSS")
+
+
+def measure(num_probes: int, batch_size: int, outputs: int) -> dict[str, float]:
+    """Peak extra MiB of one exact Jacobian-norm call, and the mean norm it returned."""
+    model = seeded(lambda: pooled_mlp(outputs))
+    inputs = random_images(num_probes, IMAGE)
+    jacobian_norm(model, inputs[:2], method="exact")  # first-call allocations, kernels
+    before = _reset_peak()
+    norm = jacobian_norm(model, inputs, method="exact", batch_size=batch_size)
+    peak = _status_kib("VmHWM")
+    return {"peak_mib": (peak - before) / 1024, "mean_norm": float(norm)}
+
+
+def _in_fresh_processes(settings: list[tuple[int, ...]]) -> list[dict[str, float]]:
+    """``measure`` for each setting, each in its own process, all at once.
+
+    Running them side by side costs no accuracy: each process reads its own peak.
+    """
+    commands = [[sys.executable, __file__, *map(str, setting)] for setting in settings]
+    processes = [subprocess.Popen(c, stdout=subprocess.PIPE, text=True) for c in commands]
+    results = []
+    for command, process in zip(commands, processes, strict=True):
+        out, _ = process.communicate()
+        if process.returncode:
+            raise subprocess.CalledProcessError(process.returncode, command, out)
+        results.append(json.loads(out.splitlines()[-1]))
+    return results
+
+
+def run(sizes: Sizes) -> list[dict[str, Any]]:
+    """The peak for every (probes, batch_size) pair, and its growth along both axes."""
+    outputs = sizes.pick(1000, 100)
+    probe_counts, batch_sizes = sizes.pick(((64, 256), (16, 64)), ((8, 32), (4, 8)))
+    grid = [(n, b) for n in probe_counts for b in batch_sizes]
+    threads = torch.get_num_threads()
+    results = _in_fresh_processes([(n, b, outputs, threads) for n, b in grid])
+    peaks = {key: result["peak_mib"] for key, result in zip(grid, results, strict=True)}
+    norms = {key: result["mean_norm"] for key, result in zip(grid, results, strict=True)}
+    few, many = probe_counts
+    small, large = batch_sizes
+    table = {f"peak_mib_probes{n}_batch{b}": mib for (n, b), mib in peaks.items()}
+    same = {
+        f"same_norm_for_every_batch_size_probes{n}": all(
+            abs(norms[n, b] - norms[n, small]) <= 1e-5 * abs(norms[n, small]) for b in batch_sizes
+        )
+        for n in probe_counts
+    }
+    return [
+        row(
+            6,
+            "jacobian_exact_memory",
+            f"exact, K={outputs}, {'x'.join(map(str, IMAGE))} inputs, pooled MLP",
+            metrics={
+                **table,
+                "growth_with_probes": max(peaks[many, b] / peaks[few, b] for b in batch_sizes),
+                "growth_with_batch_size": min(
+                    peaks[n, large] / peaks[n, small] for n in probe_counts
+                ),
+            },
+            targets={"growth_with_probes": ("<=", 1.1), "growth_with_batch_size": (">=", 1.5)},
+            checks=same,
+            seconds={},
+            note="peak RSS above the pre-call RSS, a fresh process per setting; growth: "
+            f"peak({many} probes) / peak({few}) (worst batch size) and "
+            f"peak(batch {large}) / peak(batch {small}) (least)",
+        )
+    ]
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Peak memory of one exact Jacobian call.")
+    for name in ("num_probes", "batch_size", "outputs", "threads"):
+        parser.add_argument(name, type=int)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(json.dumps(measure(args.num_probes, args.batch_size, args.outputs)))
