@@ -7,6 +7,7 @@ assumptions on the weights it predicts the variance term of the test loss (eqs. 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from typing import Literal
 
 import torch
@@ -24,7 +25,6 @@ from gapwatch.functional._common import (
     check_targets,
     chunks,
     evaluation,
-    forward_chunks,
     make_generator,
     model_device,
     randn,
@@ -56,8 +56,9 @@ def output_sensitivity(
     different quantity: the mean over the K entries of each entry's population variance
     of ``softmax(f(x + eps)) - softmax(f(x))``.
 
-    The variance is taken in float64 around the pairs' own mean (two passes over the
-    responses of :func:`noise_response`), so a tiny S is not lost to cancellation.
+    The variance is taken in float64 and merged chunk by chunk, each chunk centred on its
+    own mean (Chan et al.'s pairwise update), so a tiny S is not lost to cancellation and
+    memory grows with ``batch_size``, not with ``N``.
 
     Args:
         model: Maps ``[n, ...]`` inputs to ``[n, K]`` logits or a ``[n]`` regression output.
@@ -81,17 +82,9 @@ def output_sensitivity(
         TypeError: If the inputs are not a floating tensor or the model does not return
             one tensor.
     """
-    response = noise_response(
-        model,
-        inputs,
-        sigma=sigma,
-        after_softmax=after_softmax,
-        num_draws=num_draws,
-        batch_size=batch_size,
-        generator=generator,
-        clean_outputs=clean_outputs,
-    )
-    return response.var(dim=0, correction=0).mean().float()
+    options = locals()
+    with evaluation(model), torch.no_grad():
+        return _population_variance(_responses(**options)).mean().float()
 
 
 def noise_response(
@@ -119,45 +112,69 @@ def noise_response(
         A float64 tensor ``[N * num_draws, 1]`` (or ``[N * num_draws, K]``) on the
         model's device.
     """
+    options = locals()
+    with evaluation(model), torch.no_grad():
+        return torch.cat(list(_responses(**options)))
+
+
+def _responses(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    sigma: float,
+    after_softmax: bool,
+    num_draws: int,
+    batch_size: int | None,
+    generator: torch.Generator | None,
+    clean_outputs: Tensor | None,
+) -> Iterator[Tensor]:
+    """The rows of :func:`noise_response`, chunk by chunk; the caller sets eval mode.
+
+    Each input's clean pass runs once, in the first chunk that holds one of its draws; the
+    clean output of a chunk's last input is carried over, as the next chunk may hold
+    more of its draws. Only one chunk's outputs are alive at a time.
+    """
     check_inputs(inputs)
     check_positive("sigma", sigma)
     check_positive("num_draws", num_draws, integer=True)
     check_batch_size(batch_size)
+    if clean_outputs is not None:
+        clean_outputs = _checked_clean_outputs(clean_outputs, inputs.shape[0])
     device = model_device(model, inputs.device)
     generator = make_generator(generator, device)
-    responses = []
-    with evaluation(model), torch.no_grad():
-        clean = _clean_logits(model, inputs, batch_size, clean_outputs, device)
+    known, carried = 0, []  # inputs[:known] had their clean pass; carried: the last one's
+    for pairs in chunks(inputs.shape[0] * num_draws, batch_size):
+        first, stop = pairs.start // num_draws, (pairs.stop - 1) // num_draws + 1
+        if clean_outputs is None:
+            fresh = [_forward(model, inputs[known:stop], device)] if stop > known else []
+            clean = torch.cat(carried[: int(first < known)] + fresh)
+            known, carried = stop, [clean[-1:]]
+        else:
+            clean = clean_outputs[first:stop].to(device)
         if after_softmax:
             check_classifier(clean.shape[1], "`output_sensitivity(after_softmax=True)`")
             clean = softmax(clean, dim=1)
-        for pairs in chunks(inputs.shape[0] * num_draws, batch_size):
-            rows = torch.arange(pairs.start, pairs.stop, device=device) // num_draws
-            x = inputs[rows.to(inputs.device)].to(device=device, dtype=torch.float32)
-            noisy = as_outputs(model(x + sigma * randn(x.shape, generator, device))).float()
-            if noisy.shape[1] != clean.shape[1]:
-                raise ValueError(
-                    f"`clean_outputs` has {clean.shape[1]} columns but the model returns "
-                    f"{noisy.shape[1]} outputs; pass the model's own outputs on `inputs`."
-                )
-            if after_softmax:
-                noisy = softmax(noisy, dim=1)
-            eps_y = noisy.double() - clean[rows].double()
-            responses.append(eps_y if after_softmax else eps_y.mean(dim=1, keepdim=True))
-    return torch.cat(responses)
+        rows = torch.arange(pairs.start, pairs.stop, device=device) // num_draws
+        x = inputs[rows.to(inputs.device)].to(device=device, dtype=torch.float32)
+        noisy = _forward(model, x + sigma * randn(x.shape, generator, device), device)
+        if noisy.shape[1] != clean.shape[1]:
+            raise ValueError(
+                f"`clean_outputs` has {clean.shape[1]} columns but the model returns "
+                f"{noisy.shape[1]} outputs; pass the model's own outputs on `inputs`."
+            )
+        if after_softmax:
+            noisy = softmax(noisy, dim=1)
+        eps_y = noisy.double() - clean[rows - first].double()
+        yield eps_y if after_softmax else eps_y.mean(dim=1, keepdim=True)
 
 
-def _clean_logits(
-    model: nn.Module,
-    inputs: Tensor,
-    batch_size: int | None,
-    clean_outputs: Tensor | None,
-    device: torch.device,
-) -> Tensor:
-    """``f(inputs)`` as float32 ``[N, K]`` on ``device``: the caller's copy, checked, or run."""
-    if clean_outputs is None:
-        return torch.cat([out for _, _, out in forward_chunks(model, inputs, batch_size)])
-    num_samples = inputs.shape[0]
+def _forward(model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
+    """``model(x)`` as checked float32 ``[n, K]`` outputs, ``x`` moved to ``device``."""
+    return as_outputs(model(x.to(device=device, dtype=torch.float32))).float()
+
+
+def _checked_clean_outputs(clean_outputs: Tensor, num_samples: int) -> Tensor:
+    """The caller's ``f(inputs)`` as float32 ``[N, K]``, on its own device."""
     if (
         not isinstance(clean_outputs, Tensor)
         or clean_outputs.ndim not in (1, 2)
@@ -172,7 +189,23 @@ def _clean_logits(
             f"`clean_outputs` must be the model's outputs on `inputs`, a tensor of shape "
             f"[{num_samples}, K] (or [{num_samples}] for regression); got {got}."
         )
-    return as_outputs(clean_outputs.detach()).to(device=device, dtype=torch.float32)
+    return as_outputs(clean_outputs.detach()).float()
+
+
+def _population_variance(parts: Iterable[Tensor]) -> Tensor:
+    """Column-wise population variance of the rows of ``parts``, one part at a time.
+
+    Each part is centred on its own mean and merged by Chan et al.'s pairwise update:
+    exact in exact arithmetic and free of the cancellation of ``E[x^2] - E[x]^2``.
+    """
+    count, mean, m2 = 0, torch.zeros(()), torch.zeros(())
+    for part in parts:
+        n, part_mean = part.shape[0], part.mean(dim=0)
+        delta, total = part_mean - mean, count + n
+        mean = mean + delta * (n / total)
+        m2 = m2 + (part - part_mean).square().sum(dim=0) + delta.square() * (count * n / total)
+        count = total
+    return m2 / count
 
 
 def predicted_test_loss(
