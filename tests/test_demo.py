@@ -50,17 +50,22 @@ def test_mnist_family_reads_local_files(tmp_path, name, folder, shape):
     _write_mnist(tmp_path, folder)
     data = VisionDataModule(name, str(tmp_path), batch_size=32, train_size=64)
     data.setup()
-    assert len(data.train_set) == 64 and len(data.val_set) == 40
+    assert len(data.train_set) == 64
+    assert len(data.val_set) == 40
     x, y = next(iter(data.train_dataloader()))
-    assert x.shape == (32, *shape) and x.dtype == torch.float32
-    assert y.dtype == torch.long and 0 <= int(y.min()) and int(y.max()) <= 9
+    assert x.shape == (32, *shape)
+    assert x.dtype == torch.float32
+    assert y.dtype == torch.long
+    assert int(y.min()) >= 0
+    assert int(y.max()) <= 9
 
 
 def test_cifar10_reads_local_files_without_checksums(tmp_path):
     _write_cifar10(tmp_path)
     data = VisionDataModule("cifar10", str(tmp_path))
     data.setup()
-    assert len(data.train_set) == 100 and len(data.val_set) == 20
+    assert len(data.train_set) == 100
+    assert len(data.val_set) == 20
     x, _ = data.val_set[0]
     assert x.shape == (3, 32, 32)
 
@@ -86,7 +91,8 @@ def test_digits_split_is_disjoint_and_standardized():
     data.setup()
     train = data.train_set.tensors[0]
     assert len(data.train_set) + len(data.val_set) == 1797
-    assert train.mean().abs() < 1e-5 and (train.std() - 1).abs() < 1e-4
+    assert train.mean().abs() < 1e-5
+    assert (train.std() - 1).abs() < 1e-4
 
 
 def test_main_job_on_digits_writes_logs_and_report(tmp_path, capsys):

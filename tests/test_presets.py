@@ -42,7 +42,7 @@ def test_preset_builds_and_trains(preset, tmp_path):
     assert watchers, "the preset configures no gapwatch callback"
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     for watcher in watchers:
-        assert [int(h["step"]) for h in watcher.history][0] == 0
+        assert next(int(h["step"]) for h in watcher.history) == 0
         assert len(watcher.history) >= 2
     assert any(k.startswith("gapwatch/") for k in cli.trainer.callback_metrics)
 

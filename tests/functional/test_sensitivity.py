@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tests.conftest import make_mlp
 from gapwatch.functional.sensitivity import (
     input_second_moment,
     output_sensitivity,
@@ -12,6 +11,7 @@ from gapwatch.functional.sensitivity import (
     sigma_term,
     softmax_mse,
 )
+from tests.conftest import make_mlp
 
 
 def seeded(seed: int = 0) -> torch.Generator:

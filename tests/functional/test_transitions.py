@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from tests.conftest import make_mlp
 from gapwatch.functional.transitions import transitions
+from tests.conftest import make_mlp
 
 
 def naive_transitions(model, images, num_points):

@@ -105,7 +105,10 @@ def draw_probe(
         role: ``"train"`` or ``"held-out"``, for messages.
 
     Returns:
-        The probe on the CPU.
+        The probe on the CPU, with targets ``[N]``.
+
+    Raises:
+        ValueError: If the dataset is empty or the targets are not one per sample.
     """
     dataset = loader.dataset
     collate = loader.collate_fn or default_collate
@@ -131,4 +134,22 @@ def draw_probe(
         if not items:
             raise ValueError(f"The {role} dataset is empty; gapwatch needs samples to probe.")
         inputs, targets = split(collate(items))
-    return Probe(inputs.detach().float().clone(), None if targets is None else targets.detach())
+    if targets is not None:
+        targets = _one_per_sample(targets.detach(), len(inputs), role)
+    return Probe(inputs.detach().float().clone(), targets)
+
+
+def _one_per_sample(targets: Tensor, num_samples: int, role: str) -> Tensor:
+    """Targets as ``[N]``: a ``[N, 1]`` regression column is flattened, other shapes refused.
+
+    A ``[N, 1]`` target against a ``[N]`` output would broadcast to ``[N, N]`` and give a
+    plausible but wrong loss; one-hot or multi-output targets have no single loss here.
+    """
+    if targets.ndim == 0 or targets.shape[0] != num_samples or targets[0].numel() != 1:
+        raise ValueError(
+            f"The {role} batches carry targets of shape {tuple(targets.shape)} for "
+            f"{num_samples} inputs; gapwatch needs one target per sample: class indices [N] "
+            "or a regression target [N] / [N, 1]. For one-hot labels override "
+            "`split_batch` to return `y.argmax(1)`."
+        )
+    return targets.reshape(num_samples)

@@ -10,7 +10,12 @@ from torch import Tensor, nn
 from gapwatch.callbacks._probes import Probes
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean
 from gapwatch.callbacks.base import ProbeCallback
-from gapwatch.functional._common import check_choice, check_classifier, check_positive
+from gapwatch.functional._common import (
+    check_choice,
+    check_classifier,
+    check_positive,
+    check_targets,
+)
 from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
 
 Mode = Literal["layerwise", "output"]
@@ -37,8 +42,11 @@ class NormalizedLossProxy(Proxy):
         self.num_reference = num_reference
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """Fail now on a regression model or an architecture the mode cannot normalize."""
+        """Fail now on regression, or on an architecture the mode cannot normalize."""
         check_classifier(num_outputs, "The normalized cross-entropy")
+        for probe in (probes.train, probes.heldout):
+            if probe is not None and probe.targets is not None:
+                check_targets(probe.targets, len(probe))
         output_mode = self.mode == "output"
         self.reference = probes.train.inputs[: self.num_reference] if output_mode else None
         self._log_rho(model)
@@ -58,8 +66,19 @@ class NormalizedLossProxy(Proxy):
         for role, probe, logits in pairs:
             if probe.targets is None:
                 continue
+            # Logits that overflowed do not mean that f / rho did: without them, layerwise
+            # mode evaluates the network with normalized weights instead.
+            shared = {"logits": logits, "log_rho": log_rho} if logits.isfinite().all() else {}
             loss = normalized_cross_entropy(
-                model, probe.inputs, probe.targets, scale=self.scale, logits=logits, log_rho=log_rho
+                model,
+                probe.inputs,
+                probe.targets,
+                mode=self.mode,
+                p=self.p,
+                reference_inputs=self._reference(model),
+                scale=self.scale,
+                batch_size=context.batch_size,
+                **shared,
             )
             count = len(probe)
             stats[f"normalized_{role}_loss_sum"] = loss.double().cpu() * count

@@ -189,9 +189,7 @@ def make_generator(generator: torch.Generator | None, device: torch.device) -> t
     return fresh
 
 
-def randn(
-    shape: Sequence[int], generator: torch.Generator, device: torch.device
-) -> Tensor:
+def randn(shape: Sequence[int], generator: torch.Generator, device: torch.device) -> Tensor:
     """Standard normal float32 draws from ``generator``, delivered on ``device``.
 
     The draw happens on the generator's own device, so a CPU generator gives the same

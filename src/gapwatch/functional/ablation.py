@@ -14,6 +14,7 @@ masked activations, all ablation levels of a class stacked into large batches.
 from __future__ import annotations
 
 import difflib
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -317,7 +318,8 @@ def ablation_summary(
     ``n0`` (eq. 2) is the first ``n`` with ``E(n) <= chance``, or ``M`` when the curve
     never gets there (the least sparse value). ``n0_r`` (eq. 3) is the first maximum of
     ``E_r``. ``zeta = (n0 + M - n0_r) / 2M`` (eq. 4), ``kappa = sum_n |E_r - E| / M``
-    (eq. 5), and both are averaged over classes (eq. 6).
+    (eq. 5), and both are averaged over classes (eq. 6). A class whose curves hold a NaN
+    (a model whose outputs went NaN) gets NaN for both.
 
     Args:
         curves: ``[C, M+1]`` ``E(n)``, most active units removed first.
@@ -341,6 +343,9 @@ def ablation_summary(
     n0 = above.sum(1).clamp(max=m)
     n0_r = curves_reversed.argmax(1)
     zeta = (n0 + m - n0_r).float() / (2 * m)
+    # Turning points of curves with undefined (NaN) accuracies are undefined too.
+    undefined = (curves.isnan() | curves_reversed.isnan()).any(1)
+    zeta = zeta.masked_fill(undefined, math.nan)
     kappa = (curves_reversed - curves).abs().sum(1) / m
     if classes is None:
         classes = torch.arange(curves.shape[0], device=curves.device)
@@ -391,7 +396,7 @@ def _ablate_class(
     # A chunk is a block of ablation steps times a block of samples: the masked copies are
     # a broadcast of the activations against the steps' masks, with no gather.
     rows = 2 * levels * num if batch_size is None else batch_size
-    hits = torch.zeros(2 * levels, dtype=torch.long, device=activations.device)
+    hits = torch.zeros(2 * levels, dtype=torch.float64, device=activations.device)
     for steps in chunks(2 * levels, max(1, rows // num)):
         step = torch.arange(steps.start, steps.stop, device=activations.device)
         removed = rank[step // levels] < (step % levels)[:, None]
@@ -405,7 +410,10 @@ def _ablate_class(
                 raise ValueError(
                     f"The model has {logits.shape[1]} outputs but num_classes={num_classes}."
                 )
-            hits[steps] += (logits.argmax(1) == label).view(len(step), -1).sum(1)
+            # A NaN row has no prediction: its level's accuracy is undefined, not a guess.
+            correct = (logits.argmax(1) == label).double()
+            correct.masked_fill_(logits.isnan().any(1), math.nan)
+            hits[steps] += correct.view(len(step), -1).sum(1)
     return hits.view(2, levels).float() / num
 
 
@@ -428,9 +436,10 @@ def ablation_from_activations(
     (``E_r``) ranking are set to zero. All ``2 (M + 1)`` masked copies of every sample are
     run through ``suffix`` in chunks of at most ``batch_size`` rows (one ablation level
     of one sample is one row); a row counts as correct when its arg-max output is its
-    class. The model must be in eval mode, so that BatchNorm does not mix rows. (One
-    sentence of the paper's Sec. 3.1 swaps the names; its Sec. 3.2 and eqs. 2-3 fix ``E``
-    as most-active-first, as here.)
+    class, and a row with a NaN output makes its level's accuracy NaN. The model must be
+    in eval mode, so that BatchNorm does not mix rows. (One sentence of the paper's
+    Sec. 3.1 swaps the names; its Sec. 3.2 and eqs. 2-3 fix ``E`` as most-active-first,
+    as here.)
 
     This is the entry point for a caller that already ran the prefix, e.g. a callback
     that also needs the clean logits, ``split.suffix(*split.capture(x))``.

@@ -14,6 +14,7 @@ do not interact in eval mode.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -131,7 +132,9 @@ def jacobian_norm(
                 _squared_vjp(logits, x, _row(softmax, logits, column, weight))
                 for column, weight in zip(classes.T, weights.T, strict=True)
             )
-            norms.append(squared.sqrt() if softmax is None else softmax.scale * squared.sqrt())
+            norm = squared.sqrt() if softmax is None else softmax.scale * squared.sqrt()
+            # At a NaN output the Jacobian is undefined, even where ReLU masks pass zeros back.
+            norms.append(norm.masked_fill(logits.detach().isnan().any(1), math.nan))
     norms = torch.cat(norms)
     return norms.mean() if reduction == "mean" else norms
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -209,6 +210,7 @@ def normalized_cross_entropy(
             f"got {shape}; or leave logits=None to run the forward pass."
         )
     log_factor = torch.tensor(math.log(scale), dtype=torch.float64)
+    state: dict[str, Tensor] = {}
     if log_rho is not None and logits is not None:
         log_factor = log_factor - torch.as_tensor(log_rho, dtype=torch.float64).cpu()
     elif mode == "output":
@@ -218,15 +220,25 @@ def normalized_cross_entropy(
         log_norms = _log_norms(model, layers, p)
         if _warn_if_not_homogeneous(model) and logits is None:
             state = _normalized_state(model, layers, log_norms)
-            logits = _outputs(model, inputs, batch_size, state)
         else:
             log_factor = log_factor - log_norms.sum().cpu()
     if logits is None:
-        logits = _outputs(model, inputs, batch_size)
+        parts = _output_chunks(model, inputs, batch_size, state)
+    else:
+        parts = ((rows, logits[rows]) for rows in chunks(inputs.shape[0], batch_size))
+    with evaluation(model):
+        sums = [_cross_entropy_sum(part, targets[rows], log_factor) for rows, part in parts]
+    return (torch.stack(sums).sum() / inputs.shape[0]).float()
+
+
+def _cross_entropy_sum(logits: Tensor, targets: Tensor, log_factor: Tensor) -> Tensor:
+    """Summed cross-entropy of ``logits * exp(log_factor)``, on the logits' device.
+
+    In float64: the differences that matter sit in the 4th decimal below ln K (appendix K).
+    """
     check_classifier(logits.shape[1], "normalized_cross_entropy")
-    # float64: the differences that matter sit in the 4th decimal below ln K (appendix K).
     normalized = logits.double() * log_factor.to(logits.device).exp()
-    return F.cross_entropy(normalized, targets.to(logits.device)).float()
+    return F.cross_entropy(normalized, targets.to(logits.device), reduction="sum")
 
 
 def _check_options(mode: str, p: float, batch_size: int | None) -> None:
@@ -259,21 +271,25 @@ def _output_log_norm(
             "mode='output' normalizes by the model's output norm on reference inputs: "
             "pass `reference_inputs=` (a few training inputs, the same ones every epoch)."
         )
-    outputs = _outputs(model, check_inputs(reference_inputs, name="reference_inputs"), batch_size)
-    return _norm(outputs, p, dim=1).mean().log()
-
-
-def _outputs(
-    model: nn.Module, inputs: Tensor, batch_size: int | None, state: dict[str, Tensor] | None = None
-) -> Tensor:
-    """Eval-mode float32 outputs ``[N, K]``, optionally with parameters/buffers replaced."""
-    device = model_device(model, inputs.device)
+    check_inputs(reference_inputs, name="reference_inputs")
     with evaluation(model):
-        outputs = [
-            functional_call(model, state or {}, (inputs[rows].to(device, torch.float32),))
-            for rows in chunks(inputs.shape[0], batch_size)
-        ]
-    return torch.cat([as_outputs(out).float() for out in outputs])
+        parts = _output_chunks(model, reference_inputs, batch_size)
+        norms = torch.cat([_norm(outputs, p, dim=1) for _, outputs in parts])
+    return norms.mean().log()
+
+
+def _output_chunks(
+    model: nn.Module, inputs: Tensor, batch_size: int | None, state: dict[str, Tensor] | None = None
+) -> Iterator[tuple[slice, Tensor]]:
+    """Float32 outputs ``[n, K]`` chunk by chunk, optionally with parameters/buffers replaced.
+
+    The caller puts the model in eval mode: a generator suspended inside a context manager
+    would hold the mode until it is closed.
+    """
+    device = model_device(model, inputs.device)
+    for rows in chunks(inputs.shape[0], batch_size):
+        outputs = functional_call(model, state or {}, (inputs[rows].to(device, torch.float32),))
+        yield rows, as_outputs(outputs).float()
 
 
 def _layers(model: nn.Module) -> list[_Layer]:

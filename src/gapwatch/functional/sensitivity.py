@@ -82,9 +82,18 @@ def output_sensitivity(
         TypeError: If the inputs are not a floating tensor or the model does not return
             one tensor.
     """
-    options = locals()
+    responses = _responses(
+        model,
+        inputs,
+        sigma=sigma,
+        after_softmax=after_softmax,
+        num_draws=num_draws,
+        batch_size=batch_size,
+        generator=generator,
+        clean_outputs=clean_outputs,
+    )
     with evaluation(model), torch.no_grad():
-        return _population_variance(_responses(**options)).mean().float()
+        return _population_variance(responses).mean().float()
 
 
 def noise_response(
@@ -112,9 +121,18 @@ def noise_response(
         A float64 tensor ``[N * num_draws, 1]`` (or ``[N * num_draws, K]``) on the
         model's device.
     """
-    options = locals()
+    responses = _responses(
+        model,
+        inputs,
+        sigma=sigma,
+        after_softmax=after_softmax,
+        num_draws=num_draws,
+        batch_size=batch_size,
+        generator=generator,
+        clean_outputs=clean_outputs,
+    )
     with evaluation(model), torch.no_grad():
-        return torch.cat(list(_responses(**options)))
+        return torch.cat(list(responses))
 
 
 def _responses(
@@ -198,7 +216,7 @@ def _population_variance(parts: Iterable[Tensor]) -> Tensor:
     Each part is centred on its own mean and merged by Chan et al.'s pairwise update:
     exact in exact arithmetic and free of the cancellation of ``E[x^2] - E[x]^2``.
     """
-    count, mean, m2 = 0, torch.zeros(()), torch.zeros(())
+    count, mean, m2 = 0, 0.0, 0.0
     for part in parts:
         n, part_mean = part.shape[0], part.mean(dim=0)
         delta, total = part_mean - mean, count + n

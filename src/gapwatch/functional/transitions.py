@@ -8,6 +8,7 @@ input space up around it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
@@ -63,19 +64,24 @@ def _boundaries(module: nn.Module) -> tuple[float, ...] | None:
 
 
 def _record(
-    codes: list[Tensor], bounds: Tensor, module: nn.Module, args: tuple[Tensor, ...]
+    codes: list[tuple[Tensor, Tensor]],
+    bounds: Tensor,
+    module: nn.Module,
+    args: tuple[Tensor, ...],
 ) -> None:
     # One bit per (unit, boundary): the region index is the number of set bits, and since
     # the bits are monotone in the pre-activation, the L1 distance between two region
-    # indices equals the number of differing bits.
-    pre = args[0]
-    codes.append((pre.unsqueeze(-1) > bounds.to(pre.device)).flatten(1))
+    # indices equals the number of differing bits. A NaN lies in no region: flag its row.
+    pre = args[0].flatten(1)
+    codes.append(((pre.unsqueeze(-1) > bounds.to(pre.device)).flatten(1), pre.isnan().any(1)))
 
 
 @contextmanager
-def _coding(units: Sequence[tuple[nn.Module, tuple[float, ...]]]) -> Iterator[list[Tensor]]:
-    """Collect, forward by forward, the region bits of every unit into the yielded list."""
-    codes: list[Tensor] = []
+def _coding(
+    units: Sequence[tuple[nn.Module, tuple[float, ...]]],
+) -> Iterator[list[tuple[Tensor, Tensor]]]:
+    """Collect, forward by forward, each unit's ``(region bits, NaN rows)`` into the list."""
+    codes: list[tuple[Tensor, Tensor]] = []
     handles = []
     try:
         for module, bounds in units:
@@ -134,6 +140,8 @@ def transitions(
     *modules* are coded, through forward pre-hooks: functional calls (``F.relu``) and
     max-pooling's choice of argmax are invisible. The count is exact once ``k`` is dense
     enough that no unit crosses a boundary twice between neighbouring points (App. A.1.2).
+    A loop that meets a NaN pre-activation (weights gone NaN) counts NaN: a NaN is in no
+    region.
 
     The points are streamed in chunks of ``batch_size`` rows (images x points); only the
     code of the previous point is kept, and each loop is closed by evaluating its start
@@ -185,6 +193,7 @@ def transitions(
     device = model_device(model, inputs.device)
     stride = num_points + 1  # rows per image: the k loop points, then the start again
     counts = torch.zeros(inputs.shape[0], dtype=torch.long, device=device)
+    undefined = torch.zeros(inputs.shape[0], dtype=torch.bool, device=device)
     previous: Tensor | None = None
     with evaluation(model), torch.no_grad(), _coding(units) as codes:
         for rows in chunks(inputs.shape[0] * stride, batch_size):
@@ -193,7 +202,8 @@ def transitions(
             first = rows.start // stride
             images = inputs[first : (rows.stop - 1) // stride + 1].to(device, torch.float32)
             model(_loop_points(images, image - first, step, num_points))
-            code = torch.cat(codes, dim=1)
+            code = torch.cat([bits for bits, _ in codes], dim=1)
+            undefined[image[torch.stack([nan for _, nan in codes]).any(0)]] = True
             codes.clear()
             # Row i is compared with row i - 1, carried over from the last chunk if need be;
             # the first row of each image has no predecessor on its own loop.
@@ -201,5 +211,5 @@ def transitions(
             changes = (code ^ before).sum(dim=1).masked_fill_(step == 0, 0)
             counts.index_add_(0, image, changes)
             previous = code[-1:]
-    counts = counts.float()
+    counts = counts.float().masked_fill(undefined, math.nan)
     return counts.mean() if reduction == "mean" else counts

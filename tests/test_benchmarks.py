@@ -1,0 +1,49 @@
+"""The benchmark runner works end to end; its timings are reported, never asserted."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+
+@pytest.mark.slow
+def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp_path):
+    out = tmp_path / "bench.jsonl"
+    done = subprocess.run(
+        [sys.executable, str(RUNNER), "--quick", "--out", str(out)],
+        cwd=tmp_path,  # the runner must not depend on the working directory
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    lines = out.read_text().splitlines()
+    printed = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert printed == lines
+    assert "| case | setting | metric | measured | target | pass |" in done.stdout
+
+    header, *rows = map(json.loads, lines)
+    machine = header["machine"]
+    assert machine["quick"] is True
+    assert machine["repeats"] == 1
+    assert machine["torch_threads"] == 1
+    assert machine["cpu"]
+    assert machine["torch"]
+
+    assert sorted({row["case"] for row in rows}) == [1, 2, 3, 4, 5, 6]
+    for row in rows:
+        assert row["targets"], row["name"]
+        assert set(row["pass"]) == set(row["targets"]) <= set(row["metrics"])
+        assert all(isinstance(ok, bool) for ok in row["pass"].values())
+        assert all(math.isfinite(v) and v >= 0 for v in row["metrics"].values()), row
+        # The identical-results checks: gapwatch computed what the baselines computed.
+        assert row["checks"], row["name"]
+        assert all(row["checks"].values()), (row["name"], row["checks"])
