@@ -69,3 +69,9 @@ def test_missing_or_empty_logdir_exits_with_2(
     assert "no TensorBoard event files" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):
         main([])  # a command is required
+
+
+def test_the_command_line_does_not_import_lightning():
+    code = "import sys, gapwatch.cli; print('lightning' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,17 +1,26 @@
-"""gapwatch: watch generalization proxies beside the held-out loss while a model trains."""
+"""gapwatch: watch generalization proxies beside the held-out loss while a model trains.
 
-from gapwatch.callbacks import (
-    GeneralizationMonitor,
-    JacobianNorm,
-    NormalizedLoss,
-    OutputSensitivity,
-    ProbeCallback,
-    Transitions,
-    UnitAblation,
-)
-from gapwatch.functional import GapEstimator
+The callbacks are imported on first use, so that ``gapwatch.functional`` and the
+``gapwatch`` command line do not pay for importing Lightning.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "GapEstimator": "gapwatch.functional",
+    "GeneralizationMonitor": "gapwatch.callbacks",
+    "JacobianNorm": "gapwatch.callbacks",
+    "NormalizedLoss": "gapwatch.callbacks",
+    "OutputSensitivity": "gapwatch.callbacks",
+    "ProbeCallback": "gapwatch.callbacks",
+    "Transitions": "gapwatch.callbacks",
+    "UnitAblation": "gapwatch.callbacks",
+}
 
 __all__ = [
     "GapEstimator",
@@ -24,3 +33,23 @@ __all__ = [
     "UnitAblation",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from gapwatch.callbacks import (
+        GeneralizationMonitor,
+        JacobianNorm,
+        NormalizedLoss,
+        OutputSensitivity,
+        ProbeCallback,
+        Transitions,
+        UnitAblation,
+    )
+    from gapwatch.functional import GapEstimator
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'gapwatch' has no attribute {name!r}")

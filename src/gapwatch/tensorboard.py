@@ -17,18 +17,20 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
-from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, LogLocator
 from torch import Tensor
 from torchmetrics.functional import kendall_rank_corrcoef
 
 from gapwatch.functional.ablation import AblationResult
+
+if TYPE_CHECKING:  # Lightning stays out of the import path of `gapwatch report`.
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
 
 History = Sequence[Mapping[str, float]]
 
@@ -229,6 +231,8 @@ class Visuals:
     @classmethod
     def of(cls, trainer: Trainer, prefix: str, every_n_evaluations: int) -> Visuals | None:
         """Visuals for the trainer's first ``TensorBoardLogger``; None without, or off rank 0."""
+        from lightning.pytorch.loggers import TensorBoardLogger
+
         if trainer.global_rank != 0:
             return None
         found = (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))

@@ -42,7 +42,7 @@ def test_check_targets_rejects_regression_and_mismatch():
 
 
 def test_model_output_checks_name_the_fix():
-    with pytest.raises(TypeError, match="forward_logits"):
+    with pytest.raises(TypeError, match="model_attr="):
         as_outputs((torch.ones(2, 3),))
     with pytest.raises(TypeError, match="dict"):
         as_outputs({"logits": torch.ones(2, 3)})

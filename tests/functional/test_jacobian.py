@@ -218,7 +218,7 @@ def test_softmax_needs_a_classifier_and_a_tensor_output(digits):
     regression = make_mlp(k=1)
     with pytest.raises(ValueError, match="output='logits'"):
         jacobian_norm(regression, digits[0][:4])
-    with pytest.raises(TypeError, match="forward_logits"):
+    with pytest.raises(TypeError, match="model_attr="):
         jacobian_norm(DictModel(), digits[0][:4])
     with pytest.raises(TypeError, match=r"\.float\(\)"):
         jacobian_norm(regression, digits[1][:4].view(4, 1))

@@ -25,8 +25,10 @@ class NormalizedLossProxy(Proxy):
     """Cross-entropy of ``scale * f / rho`` on both probes, and ``log rho``.
 
     The normalized logits are the shared clean logits divided by ``rho``, so the proxy
-    costs no forward pass in ``"layerwise"`` mode. In ``"output"`` mode ``rho`` comes from
-    the first ``num_reference`` train-probe inputs, the same on every process.
+    costs no forward pass in ``"layerwise"`` mode, unless the logits overflowed: the
+    network with normalized weights is then run instead, and stays finite. In ``"output"``
+    mode ``rho`` comes from the first ``num_reference`` train-probe inputs, the same on
+    every process.
     """
 
     def __init__(
