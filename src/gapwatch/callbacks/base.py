@@ -118,6 +118,7 @@ class ProbeCallback(Callback):
         self._probes: Probes | None = None
         self._done_at: int | None = None  # global_step of the latest evaluation
         self._visuals: Visuals | None = None
+        self._warned_nonfinite = False
 
     @property
     def state_key(self) -> str:
@@ -215,16 +216,16 @@ class ProbeCallback(Callback):
             )
         model = self.get_model(pl_module)
         full = Probes(heldout=heldout, train=train)
-        num_outputs = self._num_outputs(model, train)
-        for proxy in self.proxies:
-            proxy.setup(model, full, num_outputs)
+        with isolate_rng():
+            num_outputs = self._num_outputs(model, train)
+            for proxy in self.proxies:
+                proxy.setup(model, full, num_outputs)
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
-        shard = Probes(
+        return Probes(
             heldout=None if heldout is None else heldout.shard(rank, world).to(device),
             train=train.shard(rank, world).to(device),
         )
-        return shard
 
     def _draw(self, loader: DataLoader, role: str) -> Probe:
         return draw_probe(
@@ -252,7 +253,7 @@ class ProbeCallback(Callback):
 
     def _num_outputs(self, model: nn.Module, probe: Probe) -> int:
         device = next(iter(model.parameters()), probe.inputs).device
-        with isolate_rng(), evaluation(model), torch.no_grad():
+        with evaluation(model), torch.no_grad():
             logits = as_outputs(model(probe.inputs[:2].to(device)))
         return logits.shape[1]
 
@@ -312,7 +313,7 @@ class ProbeCallback(Callback):
     def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         named = {self.prefix + name: value for name, value in metrics.items()}
         bad = sorted(name for name, value in named.items() if not math.isfinite(value))
-        if bad and not getattr(self, "_warned_nonfinite", False):
+        if bad and not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(f"gapwatch: non-finite values at step {step} for {bad}; logged as is.")
         for logger in trainer.loggers:
