@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from experiments import forouzesh, novak, regression
 
 pytestmark = pytest.mark.slow

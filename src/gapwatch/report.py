@@ -24,7 +24,7 @@ from matplotlib.ticker import LogFormatter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gapwatch.functional.gap_estimator import GapEstimator
-from gapwatch.tensorboard import CORR, HELDOUT_LOSS, proxy_names
+from gapwatch.tensorboard import CORR, HELDOUT_LOSS, kendall, proxy_names
 
 TARGETS = (HELDOUT_LOSS, "gap")
 # Two points always correlate perfectly; three is the least that says anything.
@@ -126,12 +126,6 @@ def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, f
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson's r; NaN when either side is constant."""
     return _cosine(x - x.mean(), y - y.mean())
-
-
-def kendall(x: np.ndarray, y: np.ndarray) -> float:
-    """Kendall's tau-b (ties in either variable corrected); NaN when either side is constant."""
-    # tau-b is the cosine between the matrices of pairwise order signs.
-    return _cosine(np.sign(x[:, None] - x), np.sign(y[:, None] - y))
 
 
 def _cosine(u: np.ndarray, v: np.ndarray) -> float:

@@ -17,14 +17,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter, LogLocator
+from scipy.stats import kendalltau
 from torch import Tensor
-from torchmetrics.functional import kendall_rank_corrcoef
 
 from gapwatch.functional.ablation import AblationResult
 
@@ -54,6 +53,14 @@ def _pairs(history: History, proxy: str) -> np.ndarray:
     return table[np.isfinite(table[:, 1:]).all(1)]
 
 
+def kendall(x: np.ndarray, y: np.ndarray) -> float:
+    """Kendall's tau-b (ties corrected); NaN, without a warning, when either side is constant.
+
+    scipy's O(n log n) version: a pairwise one grows quadratically with a long history.
+    """
+    return float(kendalltau(x, y).statistic)
+
+
 def correlations(history: History) -> dict[str, float]:
     """Kendall's tau-b between each proxy and the held-out loss over the evaluations so far.
 
@@ -70,10 +77,9 @@ def correlations(history: History) -> dict[str, float]:
         return {}
     result = {}
     for proxy in proxy_names(history[-1]):
-        pairs = torch.from_numpy(_pairs(history, proxy)[:, 1:])
+        pairs = _pairs(history, proxy)[:, 1:]
         if len(pairs) >= 2:
-            # A tensor: the (tau, p-value) tuple comes only with `t_test=True`.
-            tau = float(cast(Tensor, kendall_rank_corrcoef(pairs[:, 0], pairs[:, 1])))
+            tau = kendall(pairs[:, 0], pairs[:, 1])
             if math.isfinite(tau):
                 result[CORR + proxy] = tau
     return result
@@ -260,7 +266,9 @@ class Visuals:
         figures = f"{self.prefix}figures/"
         for name, value in artifacts.items():
             if isinstance(value, Tensor):
-                writer.add_histogram(f"{self.prefix}histograms/{name}", value.float(), step)
+                finite = value.float()[value.isfinite()]  # TensorBoard rejects NaN and empty
+                if finite.numel():
+                    writer.add_histogram(f"{self.prefix}histograms/{name}", finite, step)
             elif isinstance(value, AblationResult):
                 if draw:
                     writer.add_figure(figures + name, ablation_figure(value), step)

@@ -119,9 +119,7 @@ def test_transitions_reject_non_images_before_training(tmp_path):
     from gapwatch.demo import DigitsDataModule
 
     with pytest.raises(ValueError, match="image"):
-        fit(
-            tmp_path, [Transitions(probe_size=8)], data=DigitsDataModule(flatten=True), arch="mlp"
-        )
+        fit(tmp_path, [Transitions(probe_size=8)], data=DigitsDataModule(flatten=True), arch="mlp")
 
 
 def test_unit_ablation_shows_progress_when_it_takes_long(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ reports exactly the numbers a single process would on the same probes.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes
+from gapwatch.functional._common import check_targets
 
 Stats = dict[str, Tensor]
 
@@ -104,6 +106,10 @@ class LossProxy(Proxy):
                 "batches (or override `split_batch`)."
             )
         self.classifier = num_outputs > 1
+        if self.classifier:
+            for probe in (probes.train, probes.heldout):
+                if probe is not None and probe.targets is not None:
+                    check_targets(probe.targets, len(probe))
 
     def statistics(
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
@@ -119,7 +125,10 @@ class LossProxy(Proxy):
                 continue
             if self.classifier:
                 loss = F.cross_entropy(logits, targets, reduction="none")
-                stats |= sum_and_count(f"{role}_acc", (logits.argmax(1) == targets).float())
+                # argmax would pick a class even from NaN logits: count those as unknown.
+                correct = (logits.argmax(1) == targets).float()
+                correct = correct.masked_fill(logits.isnan().any(1), math.nan)
+                stats |= sum_and_count(f"{role}_acc", correct)
             else:
                 loss = (logits.squeeze(1) - targets.float()).square()
             stats |= sum_and_count(f"{role}_loss", loss)

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
@@ -239,7 +240,8 @@ class ProbeCallback(Callback):
             source = trainer.datamodule if trainer.datamodule is not None else pl_module
             try:
                 return _first_loader(source.test_dataloader(), "test")
-            except (AttributeError, NotImplementedError):
+            except (AttributeError, NotImplementedError, MisconfigurationException):
+                # Lightning's own `test_dataloader` stub raises MisconfigurationException.
                 raise ValueError(
                     "`heldout='test'` needs a `test_dataloader()` on the datamodule or the "
                     "LightningModule; define one or use `heldout='val'`."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -137,6 +137,14 @@ class AblationProxy(Proxy):
         self.split: LayerSplit = split_model(model, self.layer)
         self.num_classes = num_outputs
         self.probe: Probe = probes.train
+        assert probes.train.targets is not None  # LossProxy.setup insists on labels
+        counts = torch.bincount(probes.train.targets, minlength=num_outputs)
+        absent = (counts == 0).nonzero().flatten().tolist()
+        if absent:
+            rank_zero_warn(
+                f"gapwatch: classes {absent} have no samples in the train probe; unit "
+                "ablation averages zeta and kappa over the other classes."
+            )
         activation, _ = self.split.capture(probes.train.inputs[:2])
         if activation.ndim not in (2, 4):
             raise ValueError(
