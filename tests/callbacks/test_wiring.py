@@ -103,23 +103,11 @@ def test_unit_ablation_default_layer_is_reported_once(tmp_path, caplog):
     assert sum("unit ablation uses layer 'net.5'" in r.message for r in caplog.records) == 1
 
 
-def test_unit_ablation_bad_layer_lists_valid_paths(tmp_path):
-    with pytest.raises(ValueError, match=r"net\.5"):
-        fit(tmp_path, [UnitAblation(layer="net.99", probe_size=64)], max_epochs=1)
-
-
 def test_transitions(tmp_path):
     callback = Transitions(num_points=16, max_images=3, probe_size=64)
     _, model = fit(tmp_path, [callback], max_epochs=1)
     expected = transitions(model, callback._probes.heldout.inputs[:3], num_points=16)
     assert _final(callback)["transitions"] == pytest.approx(expected.item())
-
-
-def test_transitions_reject_non_images_before_training(tmp_path):
-    from gapwatch.demo import DigitsDataModule
-
-    with pytest.raises(ValueError, match="image"):
-        fit(tmp_path, [Transitions(probe_size=8)], data=DigitsDataModule(flatten=True), arch="mlp")
 
 
 def test_unit_ablation_shows_progress_when_it_takes_long(tmp_path, monkeypatch, capsys):
