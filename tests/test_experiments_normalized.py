@@ -35,7 +35,7 @@ def test_liao_poggio_normalized_losses_are_linear(tmp_path: Path) -> None:
     assert [float(row["init_scale"]) for row in rows] == [0.5, 2.0, 4.0, 6.0]
     assert all(float(row["train_acc"]) == 1.0 for row in rows)
     assert result["claim_normalized_linear"]
-    assert result["r2_normalized"] > 0.999  # measured 0.99999
+    assert result["r2_normalized"] > 0.999  # measured 0.99997
     assert 0.9 < result["slope_normalized"] < 1.1  # the paper's slope near 1
     assert result["claim_unnormalized_not_linear"]  # measured R^2 0.14
     # Each early-stopped run retraced the start of its full run bitwise: neither

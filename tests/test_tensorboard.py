@@ -134,7 +134,7 @@ def test_trail_figure_keeps_a_linear_axis_for_non_positive_values_and_drops_non_
 
 def _ablation():
     # M = 8 units. E drops to chance (0.1) after 4, 6 and never (-> M) removals; E_r
-    # peaks first at 2, 0 and 5 removals, and stays above E.
+    # peaks last at 3, 3 and 5 removals, and stays above E.
     curves = torch.tensor(
         [
             [0.9, 0.9, 0.6, 0.3, 0.1, 0.05, 0.0, 0.0, 0.0],
@@ -163,7 +163,7 @@ def test_ablation_figure_marks_turning_points_and_shades_the_area_between_curves
     assert len(figure.axes) == 3
     units = np.arange(9)
     assert (result.curves_reversed >= result.curves).all()
-    for i, (axes, n0, n0_r) in enumerate(zip(figure.axes, [4, 6, 8], [2, 0, 5], strict=True)):
+    for i, (axes, n0, n0_r) in enumerate(zip(figure.axes, [4, 6, 8], [3, 3, 5], strict=True)):
         e, e_r = result.curves[i].numpy(), result.curves_reversed[i].numpy()
         lines = {line.get_label(): line for line in axes.lines}
         np.testing.assert_allclose(lines["E(n)"].get_xydata(), np.c_[units, e])

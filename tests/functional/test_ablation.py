@@ -125,14 +125,14 @@ def test_summary_matches_hand_computation():
     curves = torch.tensor([[1.0, 0.6, 0.25, 0.0, 0.0], [1.0, 1.0, 0.9, 0.5, 0.3]])
     reversed_ = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.0], [0.5, 0.6, 0.9, 0.9, 0.3]])
     result = ablation_summary(curves, reversed_, chance=0.25)
-    # class 0: E hits chance (<=) at n=2; E_r peaks first at 0.
-    # class 1: E never reaches chance -> n0 = M = 4; E_r's first maximum is at n=2.
+    # class 0: E hits chance (<=) at n=2; E_r's plateau at its maximum ends at n=2.
+    # class 1: E never reaches chance -> n0 = M = 4; E_r's last maximum is at n=3.
     assert result.n0.tolist() == [2, 4]
-    assert result.n0_r.tolist() == [0, 2]
-    assert result.zeta_per_class.tolist() == pytest.approx([(2 + 4 - 0) / 8, (4 + 4 - 2) / 8])
+    assert result.n0_r.tolist() == [2, 3]
+    assert result.zeta_per_class.tolist() == pytest.approx([(2 + 4 - 2) / 8, (4 + 4 - 3) / 8])
     kappa = [(0 + 0.4 + 0.75 + 0.5 + 0) / 4, (0.5 + 0.4 + 0 + 0.4 + 0) / 4]
     assert result.kappa_per_class.tolist() == pytest.approx(kappa, abs=1e-6)
-    assert result.zeta.item() == pytest.approx(0.75)
+    assert result.zeta.item() == pytest.approx((0.5 + 0.625) / 2)
     assert result.kappa.item() == pytest.approx(sum(kappa) / 2, abs=1e-6)
     assert result.zeta.ndim == result.kappa.ndim == 0
     assert result.classes.tolist() == [0, 1]

@@ -316,8 +316,11 @@ def ablation_summary(
     """Turning points and sparsity quantities of given ablation curves (eqs. 2-6).
 
     ``n0`` (eq. 2) is the first ``n`` with ``E(n) <= chance``, or ``M`` when the curve
-    never gets there (the least sparse value). ``n0_r`` (eq. 3) is the first maximum of
-    ``E_r``. ``zeta = (n0 + M - n0_r) / 2M`` (eq. 4), ``kappa = sum_n |E_r - E| / M``
+    never gets there (the least sparse value). ``n0_r`` (eq. 3) is the *last* maximum of
+    ``E_r``: the paper reads ``M - n0_r`` as the fewest units that, active together, give
+    the best accuracy, and a network that fits its class stays at its maximum for a while
+    as the least active units go, so the first maximum would be ``n = 0``.
+    ``zeta = (n0 + M - n0_r) / 2M`` (eq. 4), ``kappa = sum_n |E_r - E| / M``
     (eq. 5), and both are averaged over classes (eq. 6). A class whose curves hold a NaN
     (a model whose outputs went NaN) gets NaN for both.
 
@@ -341,7 +344,7 @@ def ablation_summary(
     m = curves.shape[1] - 1
     above = (curves <= chance).cumsum(1) == 0
     n0 = above.sum(1).clamp(max=m)
-    n0_r = curves_reversed.argmax(1)
+    n0_r = m - curves_reversed.flip(1).argmax(1)
     zeta = (n0 + m - n0_r).float() / (2 * m)
     # Turning points of curves with undefined (NaN) accuracies are undefined too.
     undefined = (curves.isnan() | curves_reversed.isnan()).any(1)
