@@ -7,8 +7,9 @@ Lightning ``Trainer`` with gapwatch callbacks) and read the proxies from the cal
 
 from __future__ import annotations
 
+import argparse
 import csv
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 
@@ -80,3 +82,15 @@ def save_figure(figure: plt.Figure, path: Path) -> Path:
     figure.savefig(path.with_suffix(".png"), dpi=120, bbox_inches="tight")
     plt.close(figure)
     return path.with_suffix(".png")
+
+
+def main(run: Callable[..., dict[str, Any]], doc: str | None) -> None:
+    """Command-line entry of an experiment: ``python -m experiments.<name> [--reduced]``."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--reduced", action="store_true", help="the quick version")
+    args = parser.parse_args()
+    # The networks are too small for intra-op threads to pay; on busy cores they cost.
+    torch.set_num_threads(1)
+    result = run(reduced=args.reduced)
+    print(result["table"], result["claims"], sep="\n")
+    print(f"Figure and tables: {result['figure'].parent}")

@@ -21,7 +21,6 @@ a figure, to ``experiments/results/forouzesh``.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +33,7 @@ from lightning.pytorch import LightningModule, seed_everything
 from matplotlib import pyplot as plt
 from torch import Tensor, nn
 
-from experiments.common import OUT, save_figure, train, write_table
+from experiments.common import OUT, main, save_figure, train, write_table
 from gapwatch import OutputSensitivity
 from gapwatch.demo import DigitsDataModule, digits_cnn, digits_mlp
 from gapwatch.functional import output_sensitivity
@@ -317,17 +316,5 @@ def run(reduced: bool = False, out: Path = OUT / "forouzesh") -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    """Run from the command line and print where the outputs are."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="the quick version")
-    args = parser.parse_args()
-    # The networks are too small for intra-op threads to pay; on busy cores they cost.
-    torch.set_num_threads(1)
-    result = run(reduced=args.reduced)
-    print(result["table"], result["claims"], sep="\n")
-    print(f"Figure and tables: {result['figure'].parent}")
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

@@ -23,7 +23,6 @@ a figure, to ``experiments/results/liao_poggio``.
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, EarlyStopping
 from matplotlib import pyplot as plt
 
-from experiments.common import OUT, save_figure, train, write_table
+from experiments.common import OUT, main, save_figure, train, write_table
 from gapwatch import NormalizedLoss
 from gapwatch.demo import DigitsClassifier, DigitsDataModule, digits_mlp
 
@@ -192,15 +191,5 @@ def run(reduced: bool = False, out: Path = OUT / "liao_poggio") -> dict[str, Any
     return result
 
 
-def main() -> None:
-    """Run from the command line and print where the outputs are."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="the quick version")
-    args = parser.parse_args()
-    result = run(reduced=args.reduced)
-    print(result["table"], result["claims"], sep="\n")
-    print(f"Figure and tables: {result['figure'].parent}")
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

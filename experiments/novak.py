@@ -19,20 +19,18 @@ figure, to ``experiments/results/novak``.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import EarlyStopping
 from matplotlib import pyplot as plt
 from matplotlib.ticker import NullFormatter
 from scipy.stats import spearmanr
 
-from experiments.common import OUT, save_figure, train, write_table
+from experiments.common import OUT, main, save_figure, train, write_table
 from gapwatch import JacobianNorm
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 
@@ -175,17 +173,5 @@ def run(reduced: bool = False, out: Path = OUT / "novak") -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    """Run from the command line and print where the outputs are."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="the quick version")
-    args = parser.parse_args()
-    # The networks are too small for intra-op threads to pay; on busy cores they cost.
-    torch.set_num_threads(1)
-    result = run(reduced=args.reduced)
-    print(result["table"], result["claims"], sep="\n")
-    print(f"Figure and tables: {result['figure'].parent}")
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

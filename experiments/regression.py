@@ -16,7 +16,6 @@ a figure, to ``experiments/results/regression``.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from matplotlib import pyplot as plt
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from experiments.common import OUT, save_figure, train, write_table
+from experiments.common import OUT, main, save_figure, train, write_table
 from gapwatch import OutputSensitivity
 
 EVERY = 50  # epochs between evaluations (and validations)
@@ -205,17 +204,5 @@ def run(reduced: bool = False, out: Path = OUT / "regression") -> dict[str, Any]
     return result
 
 
-def main() -> None:
-    """Run from the command line and print where the outputs are."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="the quick version")
-    args = parser.parse_args()
-    # The networks are too small for intra-op threads to pay; on busy cores they cost.
-    torch.set_num_threads(1)
-    result = run(reduced=args.reduced)
-    print(result["table"], result["claims"], sep="\n")
-    print(f"Figure and tables: {result['figure'].parent}")
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)

@@ -26,7 +26,6 @@ figure, to ``experiments/results/zhao``.
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from matplotlib import pyplot as plt
 from scipy.stats import spearmanr
 from torch import nn
 
-from experiments.common import OUT, save_figure, train, write_table
+from experiments.common import OUT, main, save_figure, train, write_table
 from experiments.forouzesh import Classifier
 from gapwatch import GapEstimator, UnitAblation
 from gapwatch.demo import DigitsDataModule, digits_cnn
@@ -218,15 +217,5 @@ def run(reduced: bool = False, out: Path = OUT / "zhao") -> dict[str, Any]:
     return result
 
 
-def main() -> None:
-    """Run from the command line and print where the outputs are."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reduced", action="store_true", help="the quick version")
-    args = parser.parse_args()
-    result = run(reduced=args.reduced)
-    print(result["table"], result["claims"], sep="\n")
-    print(f"Figure and tables: {result['figure'].parent}")
-
-
 if __name__ == "__main__":
-    main()
+    main(run, __doc__)
