@@ -8,6 +8,7 @@ so that a burst of outside load hits both sides of a ratio alike.
 
 from __future__ import annotations
 
+import math
 import operator
 import statistics
 import time
@@ -23,10 +24,18 @@ from torchvision.models.resnet import BasicBlock
 
 @dataclass(frozen=True)
 class Sizes:
-    """Problem sizes: the issue's in a full run, tiny ones in ``--quick``."""
+    """Problem sizes and timing effort: the issue's in a full run, tiny ones in ``--quick``.
+
+    Attributes:
+        quick: Tiny sizes, for a smoke test.
+        repeats: Least number of timed rounds.
+        min_seconds: Cheap candidates get more rounds, until a round-robin has taken
+            about this long, so that millisecond timings are not one sample of noise.
+    """
 
     quick: bool
     repeats: int
+    min_seconds: float = 0.0
 
     def pick(self, full: Any, quick: Any) -> Any:
         """``quick`` in a quick run, else ``full``."""
@@ -51,13 +60,28 @@ class Timings:
 
 
 def time_round_robin(
-    candidates: dict[str, Callable[[], object]], repeats: int, *, warm_up: bool = True
+    candidates: dict[str, Callable[[], object]], sizes: Sizes, *, warm_up: bool = True
 ) -> Timings:
-    """Call each candidate once to warm up, then ``repeats`` rounds of one call each."""
+    """Call each candidate once to warm up, then rounds of one call each.
+
+    Args:
+        candidates: Named callables to time.
+        sizes: ``repeats`` rounds at least, more while they fit in ``min_seconds`` (as
+            judged by the warm-up round).
+        warm_up: Skip the warm-up round if the candidates ran before.
+
+    Returns:
+        The times of every round and the last result of each candidate.
+    """
     timings = Timings({name: [] for name in candidates})
-    for name, run in candidates.items() if warm_up else ():
-        timings.results[name] = run()
-    for _ in range(repeats):
+    rounds = sizes.repeats
+    if warm_up:
+        start = time.perf_counter()
+        for name, run in candidates.items():
+            timings.results[name] = run()
+        warm_up_seconds = time.perf_counter() - start
+        rounds = max(rounds, min(50, math.floor(sizes.min_seconds / warm_up_seconds)))
+    for _ in range(rounds):
         for name, run in candidates.items():
             start = time.perf_counter()
             timings.results[name] = run()
@@ -89,6 +113,9 @@ def row(
         checks: Named checks that results agree with the baselines (must all be true).
         seconds: Median seconds per call, for the record.
         note: How a baseline was scaled, or other caveats.
+
+    Returns:
+        The row, ready for ``json.dumps``.
     """
     passed = {m: _OPERATORS[op](metrics[m], bound) for m, (op, bound) in targets.items()}
     return {

@@ -54,7 +54,7 @@ def _projection(setting: str, model: nn.Module, probes: Tensor, sizes: Sizes) ->
             "projection": lambda: jacobian_norm(model, probes, generator=_generator(0)),
             "S": lambda: output_sensitivity(model, probes, generator=_generator(0)),
         },
-        sizes.repeats,
+        sizes,
     )
     every_row = jacobian_norm(model, probes, num_projections=10, generator=_generator(0))
     return row(
@@ -103,10 +103,10 @@ def exact_cases(sizes: Sizes) -> list[dict[str, Any]]:
     """Case 3: a small conv net on digits with K = 10 and K = 100 outputs."""
     num_probes, num_looped = sizes.pick((256, 32), (32, 4))
     *_, probes, _ = digits_split(num_probes)
-    return [_exact(k, probes, num_looped, sizes.repeats) for k in (10, 100)]
+    return [_exact(k, probes, num_looped, sizes) for k in (10, 100)]
 
 
-def _exact(outputs: int, probes: Tensor, num_looped: int, repeats: int) -> dict[str, Any]:
+def _exact(outputs: int, probes: Tensor, num_looped: int, sizes: Sizes) -> dict[str, Any]:
     model = seeded(lambda: conv_net(outputs))
     timings = time_round_robin(
         {
@@ -115,7 +115,7 @@ def _exact(outputs: int, probes: Tensor, num_looped: int, repeats: int) -> dict[
             "vmap_jacrev": lambda: vmap_jacrev(model, probes),
             "autograd_loop": lambda: autograd_loop(model, probes[:num_looped]),
         },
-        repeats,
+        sizes,
     )
     exact, results = timings.results["exact"], timings.results
     scale = len(probes) / num_looped

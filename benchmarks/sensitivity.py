@@ -29,12 +29,12 @@ def run(sizes: Sizes) -> list[dict[str, Any]]:
     """S with and without the clean outputs given, in units of one forward pass."""
     num_probes = sizes.pick(512, 64)
     return [
-        _measure(f"{name}, {num_probes} probes", model, probes, sizes.repeats)
+        _measure(f"{name}, {num_probes} probes", model, probes, sizes)
         for name, model, probes in untrained_cnns(num_probes)
     ]
 
 
-def _measure(setting: str, model: nn.Module, probes: Tensor, repeats: int) -> dict[str, Any]:
+def _measure(setting: str, model: nn.Module, probes: Tensor, sizes: Sizes) -> dict[str, Any]:
     with torch.no_grad():
         clean = model(probes)
 
@@ -48,7 +48,7 @@ def _measure(setting: str, model: nn.Module, probes: Tensor, repeats: int) -> di
 
     timings = time_round_robin(
         {"forward": forward, "S": sensitivity, "S_clean_given": lambda: sensitivity(clean)},
-        repeats,
+        sizes,
     )
     return row(
         1,

@@ -124,7 +124,7 @@ def run(sizes: Sizes) -> list[dict[str, Any]]:
     _train_step(trainee, optimizer, batch)  # warm-up; the fit warmed the suite up
     timings = time_round_robin(
         {"suite": evaluate, "train_step": lambda: _train_step(trainee, optimizer, batch)},
-        sizes.repeats,
+        sizes,
         warm_up=False,
     )
     sample = timings.median("train_step") / BATCH
