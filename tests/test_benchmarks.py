@@ -43,7 +43,8 @@ def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp
         assert row["targets"], row["name"]
         assert set(row["pass"]) == set(row["targets"]) <= set(row["metrics"])
         assert all(isinstance(ok, bool) for ok in row["pass"].values())
-        assert all(math.isfinite(v) and v >= 0 for v in row["metrics"].values()), row
+        # Finite, not necessarily positive: a memory growth is a difference of two peaks.
+        assert all(math.isfinite(v) for v in row["metrics"].values()), row
         # The identical-results checks: gapwatch computed what the baselines computed.
         assert row["checks"], row["name"]
         assert all(row["checks"].values()), (row["name"], row["checks"])
