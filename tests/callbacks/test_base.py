@@ -177,3 +177,28 @@ def test_bf16_mixed_precision_computes_in_float32(tmp_path):
 def test_bad_arguments_fail_in_init(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OutputSensitivity(**kwargs)
+
+
+def _unlabelled_split(batch):
+    return batch[0], None
+
+
+def test_label_free_proxies_run_on_unlabelled_batches_and_labelled_ones_refuse(tmp_path):
+    class Unlabelled(OutputSensitivity):
+        def split_batch(self, batch):
+            return _unlabelled_split(batch)
+
+    callback = Unlabelled(probe_size=64)
+    fit(tmp_path, [callback], max_epochs=1)
+    final = callback.history[-1]
+    assert final["sensitivity"] > 0
+    assert not {"train_loss", "test_loss", "gap", "predicted_test_loss_bias"} & set(final)
+
+    from gapwatch import UnitAblation
+
+    class UnlabelledAblation(UnitAblation):
+        def split_batch(self, batch):
+            return _unlabelled_split(batch)
+
+    with pytest.raises(ValueError, match="Unit ablation needs labelled train batches"):
+        fit(tmp_path, [UnlabelledAblation(probe_size=64)], max_epochs=1)

@@ -20,6 +20,16 @@ from torch import Tensor, nn
 from gapwatch.callbacks._probes import Probes
 from gapwatch.functional._common import check_targets
 
+
+def require_train_targets(probes: Probes, what: str) -> None:
+    """Raise, naming the fix, if a proxy that needs labels meets unlabelled train batches."""
+    if probes.train.targets is None:
+        raise ValueError(
+            f"{what} needs labelled train batches, but they carry no targets: use "
+            "`(inputs, targets)` batches or override `split_batch`."
+        )
+
+
 Stats = dict[str, Tensor]
 
 
@@ -99,12 +109,11 @@ class LossProxy(Proxy):
     """
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """Remember whether the model is a classifier and that the train probe has labels."""
-        if probes.train.targets is None:
-            raise ValueError(
-                "The train batches carry no targets; gapwatch needs `(inputs, targets)` "
-                "batches (or override `split_batch`)."
-            )
+        """Remember whether the model is a classifier; check the labels of each probe.
+
+        A probe without targets simply has no loss or accuracy: the label-free proxies
+        (sensitivity, Jacobian norm, transitions) still run on it.
+        """
         self.classifier = num_outputs > 1
         if self.classifier:
             for probe in (probes.train, probes.heldout):

@@ -8,7 +8,14 @@ import torch
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes
-from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean
+from gapwatch.callbacks._proxy import (
+    Context,
+    Outputs,
+    Proxy,
+    Stats,
+    mean,
+    require_train_targets,
+)
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import (
     check_choice,
@@ -46,6 +53,7 @@ class NormalizedLossProxy(Proxy):
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Fail now on regression, or on an architecture the mode cannot normalize."""
         check_classifier(num_outputs, "The normalized cross-entropy")
+        require_train_targets(probes, "The normalized train loss")
         for probe in (probes.train, probes.heldout):
             if probe is not None and probe.targets is not None:
                 check_targets(probe.targets, len(probe))

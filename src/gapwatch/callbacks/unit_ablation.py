@@ -10,7 +10,14 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from gapwatch.callbacks._probes import Probe, Probes
-from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean
+from gapwatch.callbacks._proxy import (
+    Context,
+    Outputs,
+    Proxy,
+    Stats,
+    mean,
+    require_train_targets,
+)
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_classifier, check_positive, evaluation
 from gapwatch.functional.ablation import (
@@ -130,6 +137,7 @@ class AblationProxy(Proxy):
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Pick (or check) the layer and split the model there, before training starts."""
         check_classifier(num_outputs, "Unit ablation")
+        require_train_targets(probes, "Unit ablation")
         device = next(iter(model.parameters())).device
         if self.layer is None:
             self.layer = default_layer(model, probes.train.inputs[:2].to(device))
@@ -137,7 +145,7 @@ class AblationProxy(Proxy):
         self.split: LayerSplit = split_model(model, self.layer)
         self.num_classes = num_outputs
         self.probe: Probe = probes.train
-        assert probes.train.targets is not None  # LossProxy.setup insists on labels
+        assert probes.train.targets is not None  # for the type checker
         counts = torch.bincount(probes.train.targets, minlength=num_outputs)
         absent = (counts == 0).nonzero().flatten().tolist()
         if absent:
@@ -157,7 +165,7 @@ class AblationProxy(Proxy):
     ) -> Stats:
         """Sums of per-class zeta and kappa over this process's share of the classes."""
         targets = self.probe.targets
-        assert targets is not None  # LossProxy.setup insists on labelled train batches
+        assert targets is not None  # `setup` insists on labelled train batches
         present = torch.unique(targets)
         subset = torch.randperm(len(present), generator=_cpu(context))[: self.max_classes]
         mine = present[subset.sort().values][context.rank :: context.world_size]
