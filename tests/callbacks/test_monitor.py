@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from gapwatch import GeneralizationMonitor
+from gapwatch import GeneralizationMonitor, JacobianNorm, UnitAblation
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 
 from .conftest import fit, make_trainer, read_scalars
@@ -75,6 +75,47 @@ def test_one_clean_forward_per_probe_shared_by_loss_sensitivity_and_normalized_l
     # 3 training batches of 64, and the validation batch of 256 last.
     evaluation = [100, 100, 100]
     assert rows == [2, *evaluation, 64, 64, 64, *evaluation, 256]
+
+
+def test_jacobian_and_ablation_run_the_shared_passes_that_their_work_starts_with(tmp_path):
+    monitor = GeneralizationMonitor(probe_size=100, batch_size=1000)
+    seed_everything(0, verbose=False)
+    model = DigitsClassifier(width=8)
+    rows: list[int] = []
+
+    def count(_module, args):
+        if isinstance(args[0], torch.Tensor):  # torch.fx tracing passes proxies
+            rows.append(args[0].shape[0])
+
+    model.net[0].register_forward_pre_hook(count)  # the suffix of the ablation starts later
+    trainer = make_trainer(
+        tmp_path, callbacks=[monitor], max_epochs=1, limit_train_batches=3, limit_val_batches=1
+    )
+    trainer.fit(model, datamodule=DigitsDataModule())
+    # Setup: 2 rows each to count the outputs, find the ablation layer and check its
+    # shape. Each evaluation: the Jacobian's pass over the held-out probe (which gives its
+    # clean logits too), the train probe's pass that keeps the ablation layer, and the
+    # noisy pass of the sensitivity: three passes of 100 rows, nothing else.
+    evaluation = [100, 100, 100]
+    assert rows == [2, 2, 2, *evaluation, 64, 64, 64, *evaluation, 256]
+    assert {"jacobian_norm", "ablation_zeta", "test_loss", "train_loss"} <= set(monitor.history[-1])
+
+
+def test_proxies_that_are_not_offered_a_pass_run_their_own(tmp_path):
+    # Without held-out data the Jacobian takes the train probe's pass, so unit ablation
+    # captures its layer by itself; the numbers must not depend on who ran the pass.
+    def run(callbacks):
+        fit(tmp_path, callbacks, max_epochs=1, limit_train_batches=2)
+        return [c.history for c in callbacks]
+
+    options = {"probe_size": 64, "heldout": "none", "figures_every_n_evaluations": 0}
+    (suite,) = run([GeneralizationMonitor(sensitivity=False, normalized_loss=False, **options)])
+    alone = run([JacobianNorm(**options), UnitAblation(**options)])
+    for name, source in [("jacobian_norm", alone[0]), ("ablation_zeta", alone[1])]:
+        for mine, theirs in zip(suite, source, strict=True):
+            assert mine[name] == pytest.approx(theirs[name], rel=1e-6), name
+    for mine, theirs in zip(suite, alone[1], strict=True):
+        assert mine["ablation_kappa"] == pytest.approx(theirs["ablation_kappa"], rel=1e-6)
 
 
 def _train(tmp_path, callbacks):

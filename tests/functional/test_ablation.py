@@ -313,6 +313,47 @@ def test_reuses_a_captured_activation(trained_mlp, digits):
     assert torch.equal(reused.curves, direct.curves)
 
 
+@pytest.mark.parametrize("method", ["fx", "hook"])
+def test_run_gives_the_outputs_and_the_capture_from_one_pass(method):
+    # The suffix starts with an in-place ReLU: it must not rewrite the kept activation.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()
+    x = torch.randn(20, 4)
+    rows: list[int] = []
+    model[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
+    split = split_model(model, "0", method=method)
+    activation, live, outputs = split.run(x, batch_size=7)
+    assert rows == [7, 7, 6], "the layer ran more than once per sample"
+    captured, captured_live = split.capture(x, batch_size=7)
+    assert (activation < 0).any(), "the ReLU after the layer clipped the kept activation"
+    assert torch.equal(activation, captured)
+    assert all(torch.equal(a, b) for a, b in zip(live, captured_live, strict=True))
+    with torch.no_grad():
+        assert torch.equal(outputs, model(x))
+
+
+class InfiniteUnit(nn.Module):
+    """Adds +inf to unit 0 of its input: a layer output no mask should multiply."""
+
+    def forward(self, x):
+        return x + torch.tensor([float("inf"), 0.0, 0.0])
+
+
+@pytest.mark.parametrize("method", ["fx", "hook"])
+def test_a_removed_inf_unit_is_zeroed_not_turned_into_nan(method):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), InfiniteUnit(), nn.Linear(3, 2)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.tensor([[1.0, 2.0, -1.0], [-1.0, -1.0, 1.0]]))
+    x = torch.randn(12, 2)
+    y = torch.zeros(12, dtype=torch.long)
+    result = unit_ablation(model, "1", x, y, num_classes=2, classes=[0], method=method)
+    # Unit 0 ranks first (the largest mean |U|): E removes it at level 1, E_r at level 3.
+    assert torch.isfinite(result.curves).all()
+    assert torch.isfinite(result.curves_reversed).all()
+    assert_matches_naive(result, naive_curves(model, "1", x, y, [0]))
+
+
 def test_classes_without_samples_are_skipped_with_a_warning(trained_mlp, digits):
     x, y = subset(*digits, classes=[2, 5], per_class=4)
     with pytest.warns(UserWarning, match="no samples"):

@@ -155,6 +155,25 @@ def test_projection_is_within_3_percent_for_untrained_and_trained_nets(digits, t
 
 
 @pytest.mark.parametrize("method", ["exact", "projection"])
+def test_return_outputs_gives_the_model_outputs_of_the_same_pass(digits, method):
+    torch.manual_seed(0)
+    model, x = make_cnn().eval(), digits[0][:50]
+    options = {"method": method, "batch_size": 16, "reduction": "none"}
+    alone = jacobian_norm(model, x, generator=torch.Generator().manual_seed(0), **options)
+    norms, outputs = jacobian_norm(
+        model, x, generator=torch.Generator().manual_seed(0), return_outputs=True, **options
+    )
+    assert torch.equal(norms, alone)
+    assert not outputs.requires_grad
+    assert outputs.dtype == torch.float32
+    with torch.no_grad():
+        plain = torch.cat([model(x[i : i + 16]) for i in range(0, 50, 16)])
+    assert torch.equal(outputs, plain)
+    mean, _ = jacobian_norm(model, x, method=method, return_outputs=True)
+    assert mean.ndim == 0
+
+
+@pytest.mark.parametrize("method", ["exact", "projection"])
 def test_regression_logits_norm_is_the_gradient_norm(digits, method):
     torch.manual_seed(0)
     model = nn.Sequential(make_mlp(k=1), nn.Flatten(0))  # output [N]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 SplitBatch = Callable[[Any], tuple[Tensor, Tensor | None]]
+Role = Literal["heldout", "train"]
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,21 @@ class Probes:
     train: Probe
 
     @property
-    def unlabeled(self) -> Probe:
+    def unlabeled_role(self) -> Role:
         """Where label-free proxies look: the held-out probe, else the train probe."""
-        return self.heldout if self.heldout is not None else self.train
+        return "heldout" if self.heldout is not None else "train"
+
+    @property
+    def unlabeled(self) -> Probe:
+        """The probe of ``unlabeled_role``."""
+        return self[self.unlabeled_role]
+
+    def __getitem__(self, role: Role) -> Probe:
+        """The probe of ``role``."""
+        probe = self.train if role == "train" else self.heldout
+        if probe is None:
+            raise KeyError(f"There is no {role} probe.")
+        return probe
 
 
 def split_batch(batch: Any, input_key: str, target_key: str) -> tuple[Tensor, Tensor | None]:

@@ -5,6 +5,10 @@ turns those shared logits, plus any extra work of its own, into *additive statis
 sums and counts over this process's shard of the probes. The callback sums them across
 processes and lets each proxy ``finalize`` them into metrics, so a data-parallel run
 reports exactly the numbers a single process would on the same probes.
+
+A proxy whose own work begins with that same forward pass (the Jacobian needs its graph,
+unit ablation a layer's activation) may run the shared pass itself (``run_probe``), so
+that no probe goes through the model twice for the same logits.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from gapwatch.callbacks._probes import Probes
+from gapwatch.callbacks._probes import Probes, Role
 from gapwatch.functional._common import check_targets
 
 
@@ -69,6 +73,20 @@ class Proxy(ABC):
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:  # noqa: B027
         """Check the model and probes before training starts (default: nothing to check)."""
+
+    def run_probe(
+        self, model: nn.Module, probes: Probes, role: Role, context: Context
+    ) -> Tensor | None:
+        """Run the shared forward pass over one probe, doing this proxy's work on the way.
+
+        The callback offers each probe's shared pass to its proxies in order; the first
+        that returns logits has run it. It must return exactly what the plain pass
+        would: the detached float32 ``[n, K]`` outputs on this process's shard, in eval
+        mode. Whether or not it is offered the pass (an earlier proxy may have taken
+        it), a proxy's ``statistics`` must give the same result. Default: decline
+        (``None``).
+        """
+        return None
 
     @abstractmethod
     def statistics(

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from gapwatch.callbacks._probes import Probes
+from gapwatch.callbacks._probes import Probes, Role
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean, sum_and_count
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_choice, check_classifier, check_positive
-from gapwatch.functional.jacobian import jacobian_norm
-
-Method = Literal["projection", "exact"]
-Output = Literal["softmax", "logits"]
+from gapwatch.functional.jacobian import Method, Output, jacobian_norm
 
 
 class JacobianProxy(Proxy):
-    """Mean Frobenius norm of d output / d input over the held-out probe."""
+    """Mean Frobenius norm of d output / d input over the held-out probe.
+
+    The backward passes need the graph of a forward pass over the probe, which yields its
+    logits too; so this proxy runs the probe's shared forward pass itself.
+    """
 
     def __init__(
         self,
@@ -33,17 +34,36 @@ class JacobianProxy(Proxy):
         self.output = output
         self.num_projections = num_projections
         self.last_norms: torch.Tensor | None = None
+        self._pending: Tensor | None = None  # norms from `run_probe`, for `statistics`
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """The softmax Jacobian needs class scores."""
         if self.output == "softmax":
             check_classifier(num_outputs, "The softmax Jacobian norm")
 
+    def run_probe(
+        self, model: nn.Module, probes: Probes, role: Role, context: Context
+    ) -> Tensor | None:
+        """Take the pass over the probe the norms are measured on; keep the norms."""
+        if role != probes.unlabeled_role:
+            return None
+        self._pending, logits = self._norms_and_logits(model, probes, context)
+        return logits
+
     def statistics(
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
     ) -> Stats:
         """Sum and count of the per-sample norms (kept for the histogram)."""
-        norms = jacobian_norm(
+        norms, self._pending = self._pending, None
+        if norms is None:  # another proxy ran the shared pass
+            norms, _ = self._norms_and_logits(model, probes, context)
+        self.last_norms = norms.detach().cpu()
+        return sum_and_count("jacobian_norm", norms)
+
+    def _norms_and_logits(
+        self, model: nn.Module, probes: Probes, context: Context
+    ) -> tuple[Tensor, Tensor]:
+        return jacobian_norm(
             model,
             probes.unlabeled.inputs,
             output=self.output,
@@ -52,9 +72,8 @@ class JacobianProxy(Proxy):
             batch_size=context.batch_size,
             generator=context.generator,
             reduction="none",
+            return_outputs=True,
         )
-        self.last_norms = norms.detach().cpu()
-        return sum_and_count("jacobian_norm", norms)
 
     def finalize(self, stats: Stats) -> dict[str, float]:
         """The mean norm."""

@@ -9,7 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from gapwatch.callbacks._probes import Probe, Probes
+from gapwatch.callbacks._probes import Probe, Probes, Role
 from gapwatch.callbacks._proxy import (
     Context,
     Outputs,
@@ -114,7 +114,9 @@ class AblationProxy(Proxy):
     own unit ranking), so under data parallelism each process takes a share of the
     classes over the whole train probe: the summed result is exactly the single-process
     one. The layer's activation is captured once and only the network after the layer is
-    rerun, batched over ablation levels.
+    rerun, batched over ablation levels. In a single process the capture rides on the
+    train probe's shared forward pass; a process of a data-parallel run holds only a
+    shard of that pass, so it runs the prefix over its classes' samples instead.
     """
 
     def __init__(
@@ -133,6 +135,8 @@ class AblationProxy(Proxy):
         self.max_classes = max_classes
         self.gap_coefficients = gap_coefficients
         self.last_result: AblationResult | None = None
+        # (activation, live) of the whole train probe, from `run_probe`, for `statistics`.
+        self._pending: tuple[Tensor, tuple[Tensor, ...]] | None = None
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Pick (or check) the layer and split the model there, before training starts."""
@@ -160,6 +164,18 @@ class AblationProxy(Proxy):
                 "unit ablation needs [N, F] or [N, C, H, W]: pick another `layer`."
             )
 
+    def run_probe(
+        self, model: nn.Module, probes: Probes, role: Role, context: Context
+    ) -> Tensor | None:
+        """Take the train probe's pass when it covers the whole probe, keeping the layer."""
+        if role != "train" or context.world_size > 1:
+            return None
+        activation, live, logits = self.split.run(
+            probes.train.inputs, batch_size=context.batch_size
+        )
+        self._pending = activation, live
+        return logits
+
     def statistics(
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
     ) -> Stats:
@@ -176,8 +192,13 @@ class AblationProxy(Proxy):
         if len(mine) == 0:
             return stats
         keep = torch.isin(targets, mine)
-        inputs = self.probe.inputs[keep]
-        activation, live = self.split.capture(inputs, batch_size=context.batch_size)
+        captured, self._pending = self._pending, None
+        if captured is None:
+            inputs = self.probe.inputs[keep]
+            activation, live = self.split.capture(inputs, batch_size=context.batch_size)
+        else:
+            rows = keep.to(captured[0].device)
+            activation, live = captured[0][rows], tuple(v[rows] for v in captured[1])
         labels = targets[keep].to(activation.device)
         # Class by class, so that a long ablation (a wide layer, many samples) can show
         # progress; the bar only appears once the work has taken PROGRESS_DELAY seconds.

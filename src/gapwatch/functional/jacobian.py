@@ -15,7 +15,7 @@ do not interact in eval mode.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import torch
 from torch import Tensor, nn
@@ -35,18 +35,53 @@ from gapwatch.functional._common import (
     model_device,
 )
 
+Output = Literal["softmax", "logits"]
+Method = Literal["projection", "exact"]
+Reduction = Literal["mean", "none"]
+
+
+@overload
+def jacobian_norm(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    output: Output = ...,
+    method: Method = ...,
+    num_projections: int = ...,
+    batch_size: int | None = ...,
+    generator: torch.Generator | None = ...,
+    reduction: Reduction = ...,
+    return_outputs: Literal[False] = ...,
+) -> Tensor: ...
+
+
+@overload
+def jacobian_norm(
+    model: nn.Module,
+    inputs: Tensor,
+    *,
+    output: Output = ...,
+    method: Method = ...,
+    num_projections: int = ...,
+    batch_size: int | None = ...,
+    generator: torch.Generator | None = ...,
+    reduction: Reduction = ...,
+    return_outputs: Literal[True],
+) -> tuple[Tensor, Tensor]: ...
+
 
 def jacobian_norm(
     model: nn.Module,
     inputs: Tensor,
     *,
-    output: Literal["softmax", "logits"] = "softmax",
-    method: Literal["projection", "exact"] = "projection",
+    output: Output = "softmax",
+    method: Method = "projection",
     num_projections: int = 3,
     batch_size: int | None = None,
     generator: torch.Generator | None = None,
-    reduction: Literal["mean", "none"] = "mean",
-) -> Tensor:
+    reduction: Reduction = "mean",
+    return_outputs: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Frobenius norm of the input-output Jacobian, ``E_x ||J(x)||_F`` (Novak §3, item 1).
 
     ``J(x)`` is ``d softmax(f(x)) / d x^T``, the paper's choice, or with
@@ -88,9 +123,13 @@ def jacobian_norm(
         generator: Source of the draws of ``"projection"``; ``None`` seeds a fresh one
             from the OS. The draws do not depend on ``batch_size``.
         reduction: ``"mean"`` over the samples or ``"none"`` for the per-sample norms.
+        return_outputs: Also return the model's outputs on ``inputs``, from the forward
+            pass the Jacobian needed anyway, so a caller that wants both runs one pass.
 
     Returns:
-        A float32 tensor on the model's device: 0-d for ``"mean"``, ``[N]`` for ``"none"``.
+        A float32 tensor on the model's device: 0-d for ``"mean"``, ``[N]`` for ``"none"``;
+        with ``return_outputs=True``, the pair of it and the detached float32 outputs
+        ``[N, K]`` (as :func:`output_sensitivity` accepts for ``clean_outputs``).
 
     Raises:
         ValueError: If an option is unknown or not positive, or if ``output="softmax"``
@@ -110,7 +149,7 @@ def jacobian_norm(
         # Drawn up front, so that the estimate does not depend on the chunking.
         generator = make_generator(generator, device)
         offsets = torch.rand(inputs.shape[0], 1, generator=generator, device=generator.device)
-    norms = []
+    norms, outputs = [], []
     with evaluation(model), gradients_enabled():
         for rows in chunks(inputs.shape[0], batch_size):
             # A copy: inputs made under inference mode cannot enter autograd.
@@ -135,8 +174,12 @@ def jacobian_norm(
             norm = squared.sqrt() if softmax is None else softmax.scale * squared.sqrt()
             # At a NaN output the Jacobian is undefined, even where ReLU masks pass zeros back.
             norms.append(norm.masked_fill(logits.detach().isnan().any(1), math.nan))
-    norms = torch.cat(norms)
-    return norms.mean() if reduction == "mean" else norms
+            if return_outputs:
+                outputs.append(logits.detach())
+    norm = torch.cat(norms)
+    if reduction == "mean":
+        norm = norm.mean()
+    return (norm, torch.cat(outputs)) if return_outputs else norm
 
 
 def _squared_vjp(logits: Tensor, x: Tensor, vector: Tensor) -> Tensor:
