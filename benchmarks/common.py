@@ -62,7 +62,7 @@ class Timings:
 def time_round_robin(
     candidates: dict[str, Callable[[], object]], sizes: Sizes, *, warm_up: bool = True
 ) -> Timings:
-    """Call each candidate once to warm up, then rounds of one call each.
+    """Call each candidate once to warm up, then rounds of one call each, in rotating order.
 
     Args:
         candidates: Named callables to time.
@@ -81,8 +81,12 @@ def time_round_robin(
             timings.results[name] = run()
         warm_up_seconds = time.perf_counter() - start
         rounds = max(rounds, min(50, math.floor(sizes.min_seconds / warm_up_seconds)))
-    for _ in range(rounds):
-        for name, run in candidates.items():
+    names = list(candidates)
+    for turn in range(rounds):
+        # Rotate the order, so that no candidate always inherits the allocator and cache
+        # state its same predecessor left behind.
+        for name in names[turn % len(names) :] + names[: turn % len(names)]:
+            run = candidates[name]
             start = time.perf_counter()
             timings.results[name] = run()
             timings.seconds[name].append(time.perf_counter() - start)

@@ -173,8 +173,11 @@ def _responses(
             check_classifier(clean.shape[1], "`output_sensitivity(after_softmax=True)`")
             clean = softmax(clean, dim=1)
         rows = torch.arange(pairs.start, pairs.stop, device=device) // num_draws
-        x = inputs[rows.to(inputs.device)].to(device=device, dtype=torch.float32)
-        noisy = _forward(model, x + sigma * randn(x.shape, generator, device), device)
+        x = inputs[first:stop].to(device=device, dtype=torch.float32)
+        if num_draws > 1:
+            x = x[rows - first]
+        # In place: one input-sized allocation per chunk, not three.
+        noisy = _forward(model, randn(x.shape, generator, device).mul_(sigma).add_(x), device)
         if noisy.shape[1] != clean.shape[1]:
             raise ValueError(
                 f"`clean_outputs` has {clean.shape[1]} columns but the model returns "

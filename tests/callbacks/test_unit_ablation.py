@@ -1,0 +1,53 @@
+"""UnitAblation logs what the functional computes on the same probes and weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from gapwatch import UnitAblation
+from gapwatch.functional import unit_ablation
+
+from .conftest import fit
+
+
+def test_unit_ablation_layer_path_and_class_subset(tmp_path):
+    callback = UnitAblation(layer="net.5", max_classes=4, probe_size=256)
+    trainer, model = fit(tmp_path, [callback], max_epochs=1)
+    proxy = callback.proxies[-1]
+    result = proxy.last_result
+    assert len(result.classes) == 4
+    expected = unit_ablation(
+        model, "net.5", callback._probes.train.inputs, callback._probes.train.targets,
+        num_classes=10, classes=result.classes.tolist(),
+    )  # fmt: skip
+    assert callback.history[-1]["ablation_zeta"] == pytest.approx(expected.zeta.item())
+    assert callback.history[-1]["ablation_kappa"] == pytest.approx(expected.kappa.item())
+    # The train probe's pass ran through the split model and kept the layer on the way.
+    model.eval()
+    probes = callback._probes
+    with torch.no_grad():
+        train_loss = F.cross_entropy(model(probes.train.inputs), probes.train.targets)
+    assert callback.history[-1]["train_loss"] == pytest.approx(train_loss.item(), rel=1e-5)
+    # A later evaluation draws a fresh subset of classes.
+    callback._done_at = None
+    trainer.fit_loop.epoch_loop._batches_that_stepped += 1
+    callback._evaluate(trainer, model)
+    assert proxy.last_result.classes.tolist() != result.classes.tolist()
+
+
+def test_unit_ablation_default_layer_is_reported_once(tmp_path, caplog):
+    callback = UnitAblation(probe_size=64)
+    with caplog.at_level("INFO"):
+        fit(tmp_path, [callback], max_epochs=1)
+    assert callback.proxies[-1].layer == "net.5"
+    assert sum("unit ablation uses layer 'net.5'" in r.message for r in caplog.records) == 1
+
+
+def test_unit_ablation_shows_progress_when_it_takes_long(tmp_path, monkeypatch, capsys):
+    from gapwatch.callbacks import unit_ablation as module
+
+    monkeypatch.setattr(module, "PROGRESS_DELAY", 0.0)
+    fit(tmp_path, [UnitAblation(probe_size=64, max_classes=3)], max_epochs=1)
+    assert "gapwatch: unit ablation" in capsys.readouterr().err
