@@ -217,6 +217,13 @@ def layout(metrics: Mapping[str, float], prefix: str) -> dict[str, dict[str, lis
     return {title: {name: ["Multiline", tags] for name, tags in charts.items()}}
 
 
+def tensorboard_logger(trainer: Trainer) -> TensorBoardLogger | None:
+    """The trainer's first ``TensorBoardLogger`` (every process has one; rank 0 writes)."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+
+
 class Visuals:
     """Figures, histograms, custom-scalars layout and hparams for one TensorBoard run.
 
@@ -237,13 +244,10 @@ class Visuals:
     @classmethod
     def of(cls, trainer: Trainer, prefix: str, every_n_evaluations: int) -> Visuals | None:
         """Visuals for the trainer's first ``TensorBoardLogger``; None without, or off rank 0."""
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        if trainer.global_rank != 0:
+        logger = tensorboard_logger(trainer)
+        if trainer.global_rank != 0 or logger is None:
             return None
-        found = (lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger))
-        logger = next(found, None)
-        return None if logger is None else cls(logger, prefix, every_n_evaluations)
+        return cls(logger, prefix, every_n_evaluations)
 
     def update(self, history: History, artifacts: Mapping[str, object], step: int) -> None:
         """Write one evaluation: the layout (first time only), figures and histograms.

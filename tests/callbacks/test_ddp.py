@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from .conftest import read_scalars
 
@@ -23,7 +25,7 @@ EXACT = [
 NOISY = ["sensitivity", "predicted_test_loss", "predicted_test_loss_bias", "bias_fraction"]
 
 
-def _run(strategy: str, devices: int, logdir: Path) -> dict[str, dict[int, float]]:
+def _run(strategy: str, devices: int, logdir: Path) -> dict[str, dict[int, Any]]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     subprocess.run(
         [sys.executable, str(SCRIPT), strategy, str(devices), str(logdir)],
@@ -32,7 +34,19 @@ def _run(strategy: str, devices: int, logdir: Path) -> dict[str, dict[int, float
         env=env,
         capture_output=True,
     )
-    return read_scalars(logdir)
+    return read_scalars(logdir) | _histograms(logdir)
+
+
+def _histograms(logdir: Path) -> dict[str, dict[int, tuple[float, float]]]:
+    """``{tag: {step: (count, sum)}}`` of every histogram in the run."""
+    (file,) = logdir.rglob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(file), size_guidance={"histograms": 0})
+    accumulator.Reload()
+    return {
+        tag: {e.step: (e.histogram_value.num, e.histogram_value.sum) for e in events}
+        for tag in accumulator.Tags()["histograms"]
+        if (events := accumulator.Histograms(tag))
+    }
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +64,10 @@ def test_ddp_reduces_to_the_single_process_values(strategy, single, tmp_path):
     for name in NOISY:
         tag = f"gapwatch/{name}"
         assert parallel[tag][0] == pytest.approx(single[tag][0], rel=0.3), tag
+    # Rank 0's histogram holds every process's per-sample norms, not its shard alone.
+    count, total = parallel["gapwatch/histograms/jacobian_norm"][0]
+    assert count == 200
+    assert (count, total) == pytest.approx(single["gapwatch/histograms/jacobian_norm"][0])
     # After step 0 the runs train differently (two shards of each batch), but the
     # evaluation at the end of the epoch must have happened on both ranks without a hang.
     assert len(parallel["gapwatch/test_loss"]) == 2

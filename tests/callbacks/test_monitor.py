@@ -55,8 +55,11 @@ def test_every_contract_name_at_step_zero_and_each_epoch(tmp_path):
     assert 0 < final["bias_fraction"] < 1
 
 
-def test_one_clean_forward_per_probe_shared_by_loss_sensitivity_and_normalized_loss(tmp_path):
-    monitor = GeneralizationMonitor(jacobian=False, ablation=False, probe_size=100, batch_size=1000)
+def _rows_into_first_layer(tmp_path, monitor: GeneralizationMonitor) -> list[int]:
+    """Rows of every batch that enters the model's first layer during a 3-step epoch.
+
+    The first layer, not the model: the split model of unit ablation calls its layers.
+    """
     seed_everything(0, verbose=False)
     model = DigitsClassifier(width=8)
     rows: list[int] = []
@@ -65,11 +68,17 @@ def test_one_clean_forward_per_probe_shared_by_loss_sensitivity_and_normalized_l
         if isinstance(args[0], torch.Tensor):  # torch.fx tracing passes proxies
             rows.append(args[0].shape[0])
 
-    model.net.register_forward_pre_hook(count)
+    model.net[0].register_forward_pre_hook(count)
     trainer = make_trainer(
         tmp_path, callbacks=[monitor], max_epochs=1, limit_train_batches=3, limit_val_batches=1
     )
     trainer.fit(model, datamodule=DigitsDataModule())
+    return rows
+
+
+def test_one_clean_forward_per_probe_shared_by_loss_sensitivity_and_normalized_loss(tmp_path):
+    monitor = GeneralizationMonitor(jacobian=False, ablation=False, probe_size=100, batch_size=1000)
+    rows = _rows_into_first_layer(tmp_path, monitor)
     # The setup check's 2 rows; at step 0 and at the epoch's end one clean pass over each
     # probe (held-out 100, train 100) and one noisy pass (100), nothing else; between them
     # 3 training batches of 64, and the validation batch of 256 last.
@@ -79,19 +88,7 @@ def test_one_clean_forward_per_probe_shared_by_loss_sensitivity_and_normalized_l
 
 def test_jacobian_and_ablation_run_the_shared_passes_that_their_work_starts_with(tmp_path):
     monitor = GeneralizationMonitor(probe_size=100, batch_size=1000)
-    seed_everything(0, verbose=False)
-    model = DigitsClassifier(width=8)
-    rows: list[int] = []
-
-    def count(_module, args):
-        if isinstance(args[0], torch.Tensor):  # torch.fx tracing passes proxies
-            rows.append(args[0].shape[0])
-
-    model.net[0].register_forward_pre_hook(count)  # the suffix of the ablation starts later
-    trainer = make_trainer(
-        tmp_path, callbacks=[monitor], max_epochs=1, limit_train_batches=3, limit_val_batches=1
-    )
-    trainer.fit(model, datamodule=DigitsDataModule())
+    rows = _rows_into_first_layer(tmp_path, monitor)
     # Setup: 2 rows each to count the outputs, find the ablation layer and check its
     # shape. Each evaluation: the Jacobian's pass over the held-out probe (which gives its
     # clean logits too), the train probe's pass that keeps the ablation layer, and the

@@ -45,7 +45,7 @@ from gapwatch.functional._common import (
     evaluation,
     forward_chunks,
 )
-from gapwatch.tensorboard import Visuals, correlations, summary_table
+from gapwatch.tensorboard import Visuals, correlations, summary_table, tensorboard_logger
 
 HeldOut = Literal["val", "test", "none"]
 
@@ -124,6 +124,7 @@ class ProbeCallback(Callback):
         self._probes: Probes | None = None
         self._done_at: int | None = None  # global_step of the latest evaluation
         self._visuals: Visuals | None = None
+        self._gathers_values = False  # per-sample values go to rank 0 for its histograms
         self._warned_nonfinite = False
 
     @property
@@ -156,6 +157,8 @@ class ProbeCallback(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the TensorBoard run for the figures, if any (global rank zero only)."""
         self._visuals = Visuals.of(trainer, self.prefix, self.figures_every_n_evaluations)
+        # Every process takes part in gathering what rank 0 draws.
+        self._gathers_values = trainer.world_size > 1 and tensorboard_logger(trainer) is not None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Draw the probes, check every proxy against them, and evaluate at step 0."""
@@ -303,9 +306,24 @@ class ProbeCallback(Callback):
             metrics |= proxy.finalize(proxy_stats)
         metrics |= correlations([*self.history, {"step": float(step), **metrics}])
         self._publish(trainer, metrics, step)
-        if self._visuals is not None:
-            artifacts = {k: v for p in self.proxies for k, v in p.artifacts().items()}
-            self._visuals.update(self.history, artifacts, step)
+        if self._visuals is not None or self._gathers_values:
+            artifacts = self._artifacts(trainer)
+            if self._visuals is not None:
+                self._visuals.update(self.history, artifacts, step)
+
+    def _artifacts(self, trainer: Trainer) -> dict[str, object]:
+        """Every proxy's artifacts, with per-sample values from every process.
+
+        A histogram of this process's shard alone would show a subsample of the probe.
+        The ablation curves are per class and stay this process's classes.
+        """
+        artifacts = {k: v for p in self.proxies for k, v in p.artifacts().items()}
+        if trainer.world_size > 1:
+            for name in sorted(artifacts):  # the same order on every process
+                value = artifacts[name]
+                if isinstance(value, Tensor):
+                    artifacts[name] = _gather_shards(trainer, value)
+        return artifacts
 
     def _settings(self) -> dict[str, Any]:
         """The primitive settings of this callback and its proxies, for the hparams entry."""
@@ -365,3 +383,21 @@ def _reduce(trainer: Trainer, stats: list[Stats]) -> list[Stats]:
     ):
         summed[i][key] = value.reshape(part.shape)
     return summed
+
+
+def _gather_shards(trainer: Trainer, values: Tensor) -> Tensor:
+    """Per-sample ``values`` of every process's probe shard, back in the probe's order.
+
+    Process ``r`` holds rows ``r::world_size`` of the probe (see ``Probe.shard``), so shard
+    lengths differ by at most one; they are padded to the longest for the collective.
+    """
+    world, device = trainer.world_size, trainer.strategy.root_device
+    length = torch.tensor([values.shape[0]], device=device)
+    lengths = trainer.strategy.all_gather(length).flatten().tolist()
+    padded = values.new_full((max(lengths), *values.shape[1:]), math.nan)
+    padded[: values.shape[0]] = values
+    shards = trainer.strategy.all_gather(padded.to(device)).cpu()
+    merged = values.new_empty((sum(lengths), *values.shape[1:]))
+    for rank, (shard, count) in enumerate(zip(shards, lengths, strict=True)):
+        merged[rank::world] = shard[:count]
+    return merged
