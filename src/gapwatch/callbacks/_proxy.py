@@ -80,11 +80,11 @@ class Proxy(ABC):
         """Run the shared forward pass over one probe, doing this proxy's work on the way.
 
         The callback offers each probe's shared pass to its proxies in order; the first
-        that returns logits has run it. It must return exactly what the plain pass
-        would: the detached float32 ``[n, K]`` outputs on this process's shard, in eval
-        mode. Whether or not it is offered the pass (an earlier proxy may have taken
-        it), a proxy's ``statistics`` must give the same result. Default: decline
-        (``None``).
+        that returns logits has run it. It must return what the plain pass would: the
+        detached float32 ``[n, K]`` outputs on this process's shard, in eval mode. A
+        proxy that is not offered the pass (an earlier proxy took it, or it declined)
+        does the same work in ``statistics``; only the order of the draws from
+        ``context.generator`` may differ. Default: decline (``None``).
         """
         return None
 
