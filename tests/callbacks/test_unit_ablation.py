@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import Callback
 
 from gapwatch import UnitAblation
 from gapwatch.functional import unit_ablation
@@ -51,3 +52,27 @@ def test_unit_ablation_shows_progress_when_it_takes_long(tmp_path, monkeypatch, 
     monkeypatch.setattr(module, "PROGRESS_DELAY", 0.0)
     fit(tmp_path, [UnitAblation(probe_size=64, max_classes=3)], max_epochs=1)
     assert "gapwatch: unit ablation" in capsys.readouterr().err
+
+
+class _SwapHead(Callback):
+    """Replaces the classifier with a fresh one when the second epoch starts."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            old = pl_module.net[-1]
+            pl_module.net[-1] = torch.nn.Linear(old.in_features, old.out_features)
+
+
+def test_a_module_replaced_mid_training_is_evaluated_as_it_is_now(tmp_path):
+    callback = UnitAblation(probe_size=128, figures_every_n_evaluations=0)
+    _, model = fit(tmp_path, [callback, _SwapHead()], max_epochs=2, limit_train_batches=2)
+    model.eval()
+    probes, final = callback._probes, callback.history[-1]
+    with torch.no_grad():
+        train_loss = F.cross_entropy(model(probes.train.inputs), probes.train.targets)
+    assert final["train_loss"] == pytest.approx(train_loss.item(), rel=1e-5)
+    expected = unit_ablation(
+        model, "net.5", probes.train.inputs, probes.train.targets, num_classes=10
+    )
+    assert final["ablation_zeta"] == pytest.approx(expected.zeta.item())
+    assert final["ablation_kappa"] == pytest.approx(expected.kappa.item())

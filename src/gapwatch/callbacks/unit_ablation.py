@@ -147,6 +147,7 @@ class AblationProxy(Proxy):
             self.layer = default_layer(model, probes.train.inputs[:2].to(device))
             rank_zero_info(f"gapwatch: unit ablation uses layer {self.layer!r}.")
         self.split: LayerSplit = split_model(model, self.layer)
+        self._parts = _parts(model)
         self.num_classes = num_outputs
         self.probe: Probe = probes.train
         assert probes.train.targets is not None  # for the type checker
@@ -170,9 +171,8 @@ class AblationProxy(Proxy):
         """Take the train probe's pass when it covers the whole probe, keeping the layer."""
         if role != "train" or context.world_size > 1:
             return None
-        activation, live, logits = self.split.run(
-            probes.train.inputs, batch_size=context.batch_size
-        )
+        split = self._split_of(model)
+        activation, live, logits = split.run(probes.train.inputs, batch_size=context.batch_size)
         self._pending = activation, live
         return logits
 
@@ -193,9 +193,10 @@ class AblationProxy(Proxy):
             return stats
         keep = torch.isin(targets, mine)
         captured, self._pending = self._pending, None
+        split = self._split_of(model)
         if captured is None:
             inputs = self.probe.inputs[keep]
-            activation, live = self.split.capture(inputs, batch_size=context.batch_size)
+            activation, live = split.capture(inputs, batch_size=context.batch_size)
         else:
             rows = keep.to(captured[0].device)
             activation, live = captured[0][rows], tuple(v[rows] for v in captured[1])
@@ -212,7 +213,7 @@ class AblationProxy(Proxy):
         )
         per_class = [
             ablation_from_activations(
-                self.split.suffix,
+                split.suffix,
                 activation,
                 labels,
                 num_classes=self.num_classes,
@@ -233,6 +234,17 @@ class AblationProxy(Proxy):
         stats["kappa_sum"] = result.kappa_per_class.double().sum().cpu()
         return stats
 
+    def _split_of(self, model: nn.Module) -> LayerSplit:
+        """The split of the model as it is now, cut again if a module or tensor was replaced.
+
+        The split's graphs hold the modules and tensors the model had when it was cut; a
+        model whose head is swapped mid-training must not be evaluated with the old one.
+        """
+        parts = _parts(model)
+        if parts != self._parts:
+            self.split, self._parts = split_model(model, self.layer), parts
+        return self.split
+
     def finalize(self, stats: Stats) -> dict[str, float]:
         """Class means (eq. 6) and, with coefficients, the estimated gap (eq. 7)."""
         count = stats["classes_count"]
@@ -247,6 +259,16 @@ class AblationProxy(Proxy):
     def artifacts(self) -> dict[str, object]:
         """The latest ablation curves of this process's classes, for a figure."""
         return {} if self.last_result is None else {"ablation_curves": self.last_result}
+
+
+def _parts(model: nn.Module) -> list[int]:
+    """Identities of the model's submodules, parameters and buffers.
+
+    Not of the root module, which a ``get_model`` override may build anew each time
+    around the same modules.
+    """
+    modules = [id(m) for _, m in model.named_modules(remove_duplicate=False)][1:]
+    return modules + [id(t) for t in (*model.parameters(), *model.buffers())]
 
 
 def _cpu(context: Context) -> torch.Generator:
