@@ -18,6 +18,7 @@ demo: $(STAMP)  ## train on digits with the full suite, write TensorBoard logs a
 
 test: $(STAMP)  ## lint and run every test
 	$(VENV)/bin/ruff check src tests examples benchmarks experiments
+	$(VENV)/bin/mypy src
 	$(PY) -m pytest -n 2 $(ARGS)
 
 bench: $(STAMP)  ## speed and memory against naive baselines

@@ -138,6 +138,7 @@ class VisionDataModule(LightningDataModule):
         import torchvision
         from torchvision import transforms
 
+        assert self.name is not None  # for the type checker
         cls_name = VISION_DATASETS[self.name][0]
         cls = _local_cifar10() if cls_name == "CIFAR10" else getattr(torchvision.datasets, cls_name)
         transform = transforms.Compose(

@@ -39,7 +39,7 @@ _NOT_PROXIES = frozenset({"step", HELDOUT_LOSS, "train_loss", *GAP_NAMES})
 CORR = "corr/"
 
 
-def proxy_names(metrics: Mapping[str, float]) -> list[str]:
+def proxy_names(metrics: Mapping[str, object]) -> list[str]:
     """The proxies among ``metrics``: everything but losses, accuracies, gap and correlations."""
     return [n for n in metrics if n not in _NOT_PROXIES and not n.startswith(CORR)]
 

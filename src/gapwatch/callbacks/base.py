@@ -245,7 +245,9 @@ class ProbeCallback(Callback):
         if self.heldout == "none":
             return None
         if self.heldout == "test":
-            source = trainer.datamodule if trainer.datamodule is not None else pl_module
+            # Lightning sets `datamodule` on the trainer at run time but does not declare it.
+            datamodule = trainer.datamodule  # type: ignore[attr-defined]
+            source = datamodule if datamodule is not None else pl_module
             try:
                 return _first_loader(source.test_dataloader(), "test")
             except (AttributeError, NotImplementedError, MisconfigurationException):

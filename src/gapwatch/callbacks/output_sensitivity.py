@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -76,15 +77,15 @@ class SensitivityProxy(Proxy):
         k = self.num_classes
         x2 = mean(stats, "x2")
         extra = mean(stats, "sigma_term") if self.use_sigma_term else 0.0
-        kwargs = {"num_classes": k, "input_second_moment": x2, "sigma": self.sigma}
-        metrics["predicted_test_loss"] = float(
-            predicted_test_loss(sensitivity, sigma_term=extra, **kwargs)
+        predict = partial(
+            predicted_test_loss, num_classes=k, input_second_moment=x2, sigma=self.sigma
         )
+        metrics["predicted_test_loss"] = float(predict(sensitivity, sigma_term=extra))
         if "bias_sum" in stats:
             bias = mean(stats, "bias")
             variance = (k - 1) / k * (sensitivity * x2 / self.sigma**2 + extra)
             metrics["predicted_test_loss_bias"] = float(
-                predicted_test_loss(sensitivity, sigma_term=extra, bias=bias, **kwargs)
+                predict(sensitivity, sigma_term=extra, bias=bias)
             )
             total = bias + variance
             metrics["bias_fraction"] = bias / total if total > 0 else float("nan")

@@ -242,6 +242,7 @@ class AblationProxy(Proxy):
         """
         parts = _parts(model)
         if parts != self._parts:
+            assert self.layer is not None  # for the type checker
             self.split, self._parts = split_model(model, self.layer), parts
         return self.split
 

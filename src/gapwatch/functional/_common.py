@@ -114,8 +114,8 @@ def model_device(model: nn.Module, default: torch.device | None = None) -> torch
     """The device of the model's first parameter or buffer (``default`` if it has none)."""
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return default if default is not None else torch.device("cpu")
 
 

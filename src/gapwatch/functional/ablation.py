@@ -252,7 +252,8 @@ def _cut_graph(model: nn.Module, graph: fx.Graph, layer: str) -> tuple[Prefix, S
         and any(u in downstream for u in n.users)
     ]
 
-    prefix_graph, env = fx.Graph(), {}
+    prefix_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
     for node in nodes[:-1]:
         if node not in downstream:
             env[node] = prefix_graph.node_copy(node, env.__getitem__)

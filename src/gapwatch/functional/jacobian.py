@@ -15,7 +15,7 @@ do not interact in eval mode.
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, overload
+from typing import Literal, NamedTuple, cast, overload
 
 import torch
 from torch import Tensor, nn
@@ -167,9 +167,13 @@ def jacobian_norm(
                 classes, weights = _draw_rows(
                     _row_weights(softmax, logits), num_projections, offset
                 )
-            squared = sum(
-                _squared_vjp(logits, x, _row(softmax, logits, column, weight))
-                for column, weight in zip(classes.T, weights.T, strict=True)
+            # A tensor, not `sum`'s start 0, whenever the model has an output (K >= 1).
+            squared = cast(
+                Tensor,
+                sum(
+                    _squared_vjp(logits, x, _row(softmax, logits, column, weight))
+                    for column, weight in zip(classes.T, weights.T, strict=True)
+                ),
             )
             norm = squared.sqrt() if softmax is None else softmax.scale * squared.sqrt()
             # At a NaN output the Jacobian is undefined, even where ReLU masks pass zeros back.

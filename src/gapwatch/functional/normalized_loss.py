@@ -14,6 +14,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -336,6 +337,8 @@ def _traced_layers(model: nn.Module, graph: torch.fx.Graph) -> list[_Layer]:
     called: set[str] = set()
     on_every: dict[torch.fx.Node, frozenset[str]] = {}
     on_some: dict[torch.fx.Node, frozenset[str]] = {}
+    every: frozenset[str]
+    some: frozenset[str]
     for node in graph.nodes:
         parents = [arg for arg in node.all_input_nodes if arg in on_every]
         if node.op == "placeholder":
@@ -384,7 +387,7 @@ def _folds_into(source: object, modules: dict[str, nn.Module]) -> bool:
     return (
         isinstance(source, torch.fx.Node)
         and source.op == "call_module"
-        and isinstance(modules[source.target], _WEIGHTED)
+        and isinstance(modules[cast(str, source.target)], _WEIGHTED)
         and len(source.users) == 1
     )
 
@@ -410,7 +413,7 @@ def _log_norms(model: nn.Module, layers: list[_Layer], p: float) -> Tensor:
 
 def _channel_norms(module: nn.Module, p: float) -> Tensor:
     """L_p norm of each output channel's weights, float64 ``[C_out]``."""
-    weight = module.weight.detach()
+    weight = cast(Tensor, module.weight).detach()
     if getattr(module, "transposed", False):
         # ConvTranspose stores [C_in, C_out / groups, *kernel]; group g owns output channels
         # g * C_out / groups + j.
@@ -421,6 +424,7 @@ def _channel_norms(module: nn.Module, p: float) -> Tensor:
 
 def _batchnorm_scale(batchnorm: nn.Module, name: str) -> Tensor:
     """The eval-mode per-channel factor ``gamma / sqrt(running_var + eps)``, float64."""
+    assert isinstance(batchnorm, _BATCHNORM)  # for the type checker
     if batchnorm.running_var is None:
         raise ValueError(
             f"BatchNorm `{name}` keeps no running statistics (track_running_stats=False), so "

@@ -8,7 +8,7 @@ assumptions on the weights it predicts the variance term of the test loss (eqs. 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -160,7 +160,8 @@ def _responses(
         clean_outputs = _checked_clean_outputs(clean_outputs, inputs.shape[0])
     device = model_device(model, inputs.device)
     generator = make_generator(generator, device)
-    known, carried = 0, []  # inputs[:known] had their clean pass; carried: the last one's
+    known = 0  # inputs[:known] had their clean pass
+    carried: list[Tensor] = []  # the clean output of the last of them
     for pairs in chunks(inputs.shape[0] * num_draws, batch_size):
         first, stop = pairs.start // num_draws, (pairs.stop - 1) // num_draws + 1
         if clean_outputs is None:
@@ -219,14 +220,17 @@ def _population_variance(parts: Iterable[Tensor]) -> Tensor:
     Each part is centred on its own mean and merged by Chan et al.'s pairwise update:
     exact in exact arithmetic and free of the cancellation of ``E[x^2] - E[x]^2``.
     """
-    count, mean, m2 = 0, 0.0, 0.0
+    count = 0
+    mean: Tensor | float = 0.0
+    m2: Tensor | float = 0.0
     for part in parts:
         n, part_mean = part.shape[0], part.mean(dim=0)
         delta, total = part_mean - mean, count + n
         mean = mean + delta * (n / total)
         m2 = m2 + (part - part_mean).square().sum(dim=0) + delta.square() * (count * n / total)
         count = total
-    return m2 / count
+    # A tensor once a part came; with none, 0.0 / 0 raises ZeroDivisionError.
+    return cast(Tensor, m2 / count)
 
 
 def predicted_test_loss(
