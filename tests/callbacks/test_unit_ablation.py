@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning.pytorch import Callback
+from lightning.pytorch import Callback, seed_everything
 
 from gapwatch import UnitAblation
+from gapwatch.demo import DigitsClassifier, DigitsDataModule
 from gapwatch.functional import unit_ablation
 
-from .conftest import fit
+from .conftest import fit, make_trainer
 
 
 def test_unit_ablation_layer_path_and_class_subset(tmp_path):
@@ -74,5 +75,35 @@ def test_a_module_replaced_mid_training_is_evaluated_as_it_is_now(tmp_path):
     expected = unit_ablation(
         model, "net.5", probes.train.inputs, probes.train.targets, num_classes=10
     )
+    assert final["ablation_zeta"] == pytest.approx(expected.zeta.item())
+    assert final["ablation_kappa"] == pytest.approx(expected.kappa.item())
+
+
+class _BatchSizeReused(torch.nn.Module):
+    """Reads the batch size before the layer and reuses it after: fx cannot batch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 64, 10)
+
+    def forward(self, x):
+        n = x.shape[0]
+        return self.head(torch.relu(self.conv(x)).reshape(n, -1))
+
+
+def test_a_model_the_traced_split_cannot_batch_is_ablated_by_hooks(tmp_path):
+    seed_everything(0, verbose=False)
+    model = DigitsClassifier(width=8)
+    model.net = _BatchSizeReused()
+    callback = UnitAblation(layer="net.conv", probe_size=64, figures_every_n_evaluations=0)
+    make_trainer(tmp_path, callbacks=[callback], max_epochs=1, limit_train_batches=2).fit(
+        model, datamodule=DigitsDataModule()
+    )
+    probes, final = callback._probes, callback.history[-1]
+    expected = unit_ablation(
+        model, "net.conv", probes.train.inputs, probes.train.targets, num_classes=10
+    )
+    assert callback.proxies[-1].split.method == "hook"
     assert final["ablation_zeta"] == pytest.approx(expected.zeta.item())
     assert final["ablation_kappa"] == pytest.approx(expected.kappa.item())

@@ -23,6 +23,7 @@ from gapwatch.functional._common import check_classifier, check_positive, evalua
 from gapwatch.functional.ablation import (
     AblationResult,
     LayerSplit,
+    UnbatchableSplitError,
     ablation_from_activations,
     ablation_summary,
     split_model,
@@ -146,10 +147,10 @@ class AblationProxy(Proxy):
         if self.layer is None:
             self.layer = default_layer(model, probes.train.inputs[:2].to(device))
             rank_zero_info(f"gapwatch: unit ablation uses layer {self.layer!r}.")
-        self.split: LayerSplit = split_model(model, self.layer)
-        self._parts = _parts(model)
         self.num_classes = num_outputs
         self.probe: Probe = probes.train
+        self.split: LayerSplit = self._cut(model)
+        self._parts = _parts(model)
         assert probes.train.targets is not None  # for the type checker
         counts = torch.bincount(probes.train.targets, minlength=num_outputs)
         absent = (counts == 0).nonzero().flatten().tolist()
@@ -157,12 +158,6 @@ class AblationProxy(Proxy):
             rank_zero_warn(
                 f"gapwatch: classes {absent} have no samples in the train probe; unit "
                 "ablation averages zeta and kappa over the other classes."
-            )
-        activation, _ = self.split.capture(probes.train.inputs[:2])
-        if activation.ndim not in (2, 4):
-            raise ValueError(
-                f"The output of layer {self.layer!r} has shape {tuple(activation.shape)}; "
-                "unit ablation needs [N, F] or [N, C, H, W]: pick another `layer`."
             )
 
     def run_probe(
@@ -242,9 +237,25 @@ class AblationProxy(Proxy):
         """
         parts = _parts(model)
         if parts != self._parts:
-            assert self.layer is not None  # for the type checker
-            self.split, self._parts = split_model(model, self.layer), parts
+            self.split, self._parts = self._cut(model), parts
         return self.split
+
+    def _cut(self, model: nn.Module) -> LayerSplit:
+        """Split ``model`` at the layer, traced if its suffix can be batched, else by hooks.
+
+        A capture of two train samples decides, and checks that the layer's output is
+        ``[N, F]`` or ``[N, C, H, W]`` (raising a ``ValueError`` that says so).
+        """
+        assert self.layer is not None  # for the type checker
+        split = split_model(model, self.layer)
+        try:
+            split.capture(self.probe.inputs[:2])
+        except UnbatchableSplitError:
+            # As `unit_ablation` does: hooks batch any model, at the cost of running the
+            # whole network for each block of ablation levels.
+            split = split_model(model, self.layer, method="hook")
+            split.capture(self.probe.inputs[:2])
+        return split
 
     def finalize(self, stats: Stats) -> dict[str, float]:
         """Class means (eq. 6) and, with coefficients, the estimated gap (eq. 7)."""
