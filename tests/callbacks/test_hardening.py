@@ -294,6 +294,16 @@ def test_bad_setup_fails_before_the_first_step_naming_the_fix(
     assert trainer.global_step == 0
 
 
+@pytest.mark.parametrize("precision", ["bf16-true", "64-true"])
+def test_a_model_converted_from_float32_fails_before_the_first_step(tmp_path, precision):
+    seed_everything(0, verbose=False)
+    callback = GeneralizationMonitor(probe_size=32)
+    trainer = make_trainer(tmp_path, callbacks=[callback], max_epochs=1, precision=precision)
+    with pytest.raises(ValueError, match=r"float32.*precision='bf16-mixed'"):
+        trainer.fit(DigitsClassifier(width=8), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
 @pytest.mark.parametrize(
     ("make", "fix"),
     [

@@ -41,6 +41,7 @@ from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
 from gapwatch.functional._common import (
     as_outputs,
     check_choice,
+    check_float32_model,
     check_positive,
     evaluation,
     forward_chunks,
@@ -224,6 +225,7 @@ class ProbeCallback(Callback):
                 "normalized_test_loss) are skipped and label-free proxies use the train probe."
             )
         model = self.get_model(pl_module)
+        check_float32_model(model)
         full = Probes(heldout=heldout, train=train)
         with isolate_rng():
             num_outputs = self._num_outputs(model, train)

@@ -110,6 +110,23 @@ def check_classifier(num_outputs: int, what: str) -> None:
         )
 
 
+def check_float32_model(model: nn.Module) -> None:
+    """Raise, naming the fix, if the model's floating parameters are not all float32.
+
+    Proxies feed float32 inputs and compute in float32 (inside a mixed-precision loop
+    too, with autocast off); a model converted to another dtype would fail on them.
+    """
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    others = sorted(str(dtype) for dtype in dtypes - {torch.float32})
+    if others:
+        raise ValueError(
+            f"gapwatch computes its proxies in float32, but the model has {', '.join(others)} "
+            "parameters (e.g. from Trainer(precision='bf16-true', '16-true' or '64-true')). "
+            "Use precision='bf16-mixed' or '16-mixed', which keep the weights in float32, "
+            "or keep the model in float32."
+        )
+
+
 def model_device(model: nn.Module, default: torch.device | None = None) -> torch.device:
     """The device of the model's first parameter or buffer (``default`` if it has none)."""
     for tensor in model.parameters():
