@@ -107,3 +107,11 @@ def test_seeded_generator_repeats_and_a_new_seed_differs(name, busy_cnn, batch):
 def test_normalization_factor_is_left_as_found(busy_cnn, untouched):
     with untouched(busy_cnn):
         normalization_factor(busy_cnn, p=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("name", PROXIES)
+def test_a_model_in_another_dtype_is_refused_naming_the_fix(name, cnn, batch, dtype):
+    x, y = batch
+    with pytest.raises(ValueError, match=rf"float32.*{dtype!s}.*'bf16-mixed'"):
+        _call(name, cnn.eval().to(dtype), x, y)

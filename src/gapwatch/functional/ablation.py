@@ -28,6 +28,7 @@ from gapwatch.functional._common import (
     check_batch_size,
     check_choice,
     check_classifier,
+    check_float32_model,
     check_inputs,
     check_positive,
     check_targets,
@@ -143,6 +144,7 @@ class LayerSplit:
         self, inputs: Tensor, batch_size: int | None, *, whole: bool
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         check_inputs(inputs)
+        check_float32_model(self.model)
         check_batch_size(batch_size)
         device = model_device(self.model, inputs.device)
         parts, outputs = [], []

@@ -26,6 +26,7 @@ from gapwatch.functional._common import (
     check_batch_size,
     check_choice,
     check_classifier,
+    check_float32_model,
     check_inputs,
     check_positive,
     chunks,
@@ -138,6 +139,7 @@ def jacobian_norm(
             one tensor.
     """
     check_inputs(inputs)
+    check_float32_model(model)
     check_choice("output", output, ("softmax", "logits"))
     check_choice("method", method, ("projection", "exact"))
     check_choice("reduction", reduction, ("mean", "none"))

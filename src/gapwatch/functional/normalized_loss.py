@@ -26,6 +26,7 @@ from gapwatch.functional._common import (
     check_batch_size,
     check_choice,
     check_classifier,
+    check_float32_model,
     check_inputs,
     check_positive,
     check_targets,
@@ -202,6 +203,7 @@ def normalized_cross_entropy(
     _check_options(mode, p, batch_size)
     check_positive("scale", scale)
     check_targets(targets, check_inputs(inputs).shape[0])
+    check_float32_model(model)
     if logits is not None and (
         not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]
     ):
@@ -273,6 +275,7 @@ def _output_log_norm(
             "pass `reference_inputs=` (a few training inputs, the same ones every epoch)."
         )
     check_inputs(reference_inputs, name="reference_inputs")
+    check_float32_model(model)
     with evaluation(model):
         parts = _output_chunks(model, reference_inputs, batch_size)
         norms = torch.cat([_norm(outputs, p, dim=1) for _, outputs in parts])

@@ -20,6 +20,7 @@ from gapwatch.functional._common import (
     check_batch_size,
     check_choice,
     check_classifier,
+    check_float32_model,
     check_inputs,
     check_positive,
     check_targets,
@@ -153,6 +154,7 @@ def _responses(
     more of its draws. Only one chunk's outputs are alive at a time.
     """
     check_inputs(inputs)
+    check_float32_model(model)
     check_positive("sigma", sigma)
     check_positive("num_draws", num_draws, integer=True)
     check_batch_size(batch_size)

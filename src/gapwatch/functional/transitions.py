@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from gapwatch.functional._common import (
     check_batch_size,
     check_choice,
+    check_float32_model,
     check_inputs,
     check_positive,
     chunks,
@@ -166,6 +167,7 @@ def transitions(
             unknown, or the model has no supported activation module.
     """
     check_inputs(inputs)
+    check_float32_model(model)
     if inputs.ndim != 4:
         raise ValueError(
             "`transitions` needs image inputs [N, C, H, W]: its trajectory is built from "
