@@ -330,6 +330,11 @@ def test_run_gives_the_outputs_and_the_capture_from_one_pass(method):
     assert all(torch.equal(a, b) for a, b in zip(live, captured_live, strict=True))
     with torch.no_grad():
         assert torch.equal(outputs, model(x))
+    keep = torch.arange(20) % 3 == 0  # rows in every chunk, and a chunk end
+    kept, kept_live, all_outputs = split.run(x, batch_size=7, keep=keep)
+    assert torch.equal(kept, captured[keep])
+    assert all(torch.equal(a, b[keep]) for a, b in zip(kept_live, captured_live, strict=True))
+    assert torch.equal(all_outputs, outputs)
 
 
 class InfiniteUnit(nn.Module):

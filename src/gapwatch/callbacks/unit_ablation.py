@@ -136,7 +136,7 @@ class AblationProxy(Proxy):
         self.max_classes = max_classes
         self.gap_coefficients = gap_coefficients
         self.last_result: AblationResult | None = None
-        # (activation, live) of the whole train probe, from `run_probe`, for `statistics`.
+        # (activation, live) of this evaluation's classes, from `run_probe`, for `statistics`.
         self._pending: tuple[Tensor, tuple[Tensor, ...]] | None = None
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
@@ -166,8 +166,11 @@ class AblationProxy(Proxy):
         """Take the train probe's pass when it covers the whole probe, keeping the layer."""
         if role != "train" or context.world_size > 1:
             return None
+        keep = torch.isin(self._targets, self._classes(context))
         split = self._split_of(model)
-        activation, live, logits = split.run(probes.train.inputs, batch_size=context.batch_size)
+        activation, live, logits = split.run(
+            probes.train.inputs, batch_size=context.batch_size, keep=keep
+        )
         self._pending = activation, live
         return logits
 
@@ -175,11 +178,8 @@ class AblationProxy(Proxy):
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
     ) -> Stats:
         """Sums of per-class zeta and kappa over this process's share of the classes."""
-        targets = self.probe.targets
-        assert targets is not None  # `setup` insists on labelled train batches
-        present = torch.unique(targets)
-        subset = torch.randperm(len(present), generator=_cpu(context))[: self.max_classes]
-        mine = present[subset.sort().values][context.rank :: context.world_size]
+        captured, self._pending = self._pending, None
+        targets, mine = self._targets, self._classes(context)
         stats: Stats = {
             name: torch.zeros((), dtype=torch.float64) for name in ("zeta_sum", "kappa_sum")
         }
@@ -187,14 +187,12 @@ class AblationProxy(Proxy):
         if len(mine) == 0:
             return stats
         keep = torch.isin(targets, mine)
-        captured, self._pending = self._pending, None
         split = self._split_of(model)
         if captured is None:
             inputs = self.probe.inputs[keep]
             activation, live = split.capture(inputs, batch_size=context.batch_size)
         else:
-            rows = keep.to(captured[0].device)
-            activation, live = captured[0][rows], tuple(v[rows] for v in captured[1])
+            activation, live = captured
         labels = targets[keep].to(activation.device)
         # Class by class, so that a long ablation (a wide layer, many samples) can show
         # progress; the bar only appears once the work has taken PROGRESS_DELAY seconds.
@@ -228,6 +226,18 @@ class AblationProxy(Proxy):
         stats["zeta_sum"] = result.zeta_per_class.double().sum().cpu()
         stats["kappa_sum"] = result.kappa_per_class.double().sum().cpu()
         return stats
+
+    @property
+    def _targets(self) -> Tensor:
+        """The train probe's labels (``setup`` insists on them)."""
+        assert self.probe.targets is not None  # for the type checker
+        return self.probe.targets
+
+    def _classes(self, context: Context) -> Tensor:
+        """This process's share of the evaluation's classes: a fresh subset each step."""
+        present = torch.unique(self._targets)
+        subset = torch.randperm(len(present), generator=_cpu(context))[: self.max_classes]
+        return present[subset.sort().values][context.rank :: context.world_size]
 
     def _split_of(self, model: nn.Module) -> LayerSplit:
         """The split of the model as it is now, cut again if a module or tensor was replaced.

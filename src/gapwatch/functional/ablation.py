@@ -122,26 +122,30 @@ class LayerSplit:
         return activation, live
 
     def run(
-        self, inputs: Tensor, *, batch_size: int | None = None
+        self, inputs: Tensor, *, batch_size: int | None = None, keep: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """Run the whole model and keep what :meth:`capture` returns, from one pass.
 
         For a caller that needs the model's outputs anyway: the prefix does not run twice.
 
-        Args: as :meth:`capture`.
+        Args:
+            inputs: ``[N, ...]`` inputs on any device.
+            batch_size: Rows per forward call (``None``: all at once).
+            keep: ``[N]`` booleans: keep the activation and live values of these rows only
+                (memory then grows with the rows kept, not with ``N``). Default: all.
 
         Returns:
-            ``(activation, live, outputs)``: as :meth:`capture`, and the model's checked
-            float32 ``[N, K]`` outputs.
+            ``(activation, live, outputs)``: as :meth:`capture` for the kept rows, and the
+            model's checked float32 ``[N, K]`` outputs for every row.
 
         Raises: as :meth:`capture`.
         """
-        activation, live, outputs = self._run(inputs, batch_size, whole=True)
+        activation, live, outputs = self._run(inputs, batch_size, whole=True, keep=keep)
         assert outputs is not None  # for the type checker
         return activation, live, outputs
 
     def _run(
-        self, inputs: Tensor, batch_size: int | None, *, whole: bool
+        self, inputs: Tensor, batch_size: int | None, *, whole: bool, keep: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
         check_inputs(inputs)
         check_float32_model(self.model)
@@ -157,6 +161,9 @@ class LayerSplit:
                 else:
                     activation, live = self.prefix(x)
                 _check_batched(self.layer, x.shape[0], activation, live)
+                if keep is not None:
+                    kept = keep[rows].to(device)
+                    activation, live = activation[kept], tuple(v[kept] for v in live)
                 parts.append((activation, live))
         activation = torch.cat([a for a, _ in parts])
         live = tuple(torch.cat(values) for values in zip(*(v for _, v in parts), strict=True))
