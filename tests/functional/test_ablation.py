@@ -279,6 +279,10 @@ def test_unbatchable_live_value_falls_back_to_hook(digits):
     torch.manual_seed(0)
     model = BatchSizeReused()
     x, y = subset(*digits, classes=range(10), per_class=2)
+    assert split_model(model, "conv").method == "fx"  # nothing tried: nothing found
+    assert split_model(model, "conv", example_inputs=x[:2]).method == "hook"
+    with pytest.raises(UnbatchableSplitError):
+        split_model(model, "conv", method="fx", example_inputs=x[:2])
     with pytest.raises(UnbatchableSplitError, match="method='hook'"):
         unit_ablation(model, "conv", x, y, num_classes=10, method="fx")
     result = unit_ablation(model, "conv", x, y, num_classes=10)

@@ -23,7 +23,6 @@ from gapwatch.functional._common import check_classifier, check_positive, evalua
 from gapwatch.functional.ablation import (
     AblationResult,
     LayerSplit,
-    UnbatchableSplitError,
     ablation_from_activations,
     ablation_summary,
     split_model,
@@ -251,21 +250,9 @@ class AblationProxy(Proxy):
         return self.split
 
     def _cut(self, model: nn.Module) -> LayerSplit:
-        """Split ``model`` at the layer, traced if its suffix can be batched, else by hooks.
-
-        A capture of two train samples decides, and checks that the layer's output is
-        ``[N, F]`` or ``[N, C, H, W]`` (raising a ``ValueError`` that says so).
-        """
+        """Split ``model`` at the layer, by hooks if the traced suffix cannot be batched."""
         assert self.layer is not None  # for the type checker
-        split = split_model(model, self.layer)
-        try:
-            split.capture(self.probe.inputs[:2])
-        except UnbatchableSplitError:
-            # As `unit_ablation` does: hooks batch any model, at the cost of running the
-            # whole network for each block of ablation levels.
-            split = split_model(model, self.layer, method="hook")
-            split.capture(self.probe.inputs[:2])
-        return split
+        return split_model(model, self.layer, example_inputs=self.probe.inputs[:2])
 
     def finalize(self, stats: Stats) -> dict[str, float]:
         """Class means (eq. 6) and, with coefficients, the estimated gap (eq. 7)."""

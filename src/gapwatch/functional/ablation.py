@@ -324,7 +324,13 @@ def _hook_split(model: nn.Module, layer: str) -> tuple[Prefix, Suffix, Whole]:
     )
 
 
-def split_model(model: nn.Module, layer: str, *, method: SplitMethod = "auto") -> LayerSplit:
+def split_model(
+    model: nn.Module,
+    layer: str,
+    *,
+    method: SplitMethod = "auto",
+    example_inputs: Tensor | None = None,
+) -> LayerSplit:
     """Cut ``model`` at ``layer`` into a prefix that runs once and a batched suffix.
 
     With ``"fx"`` the model is traced by ``torch.fx`` (keeping ``layer`` and standard
@@ -333,20 +339,27 @@ def split_model(model: nn.Module, layer: str, *, method: SplitMethod = "auto") -
     Tracing happens in eval mode, so the split reproduces the eval-mode forward pass.
     ``"hook"`` works for any model, including ones with data-dependent control flow that
     do not trace, but its suffix reruns the whole network. ``"auto"`` traces and falls
-    back to the hook when tracing fails.
+    back to the hook when tracing fails or, tried on ``example_inputs``, when the traced
+    suffix cannot be batched (a value such as the batch size read before the layer and
+    reused after it).
 
     Args:
         model: The network; prefix and suffix share its modules and parameters.
         layer: Module path as in ``model.named_modules()``, e.g. ``"features.18"``,
             ``"layer4"``, ``"3"``.
         method: ``"auto"``, ``"fx"`` or ``"hook"``.
+        example_inputs: A few inputs to try the split on (any device); the layer's output
+            is then also checked to be ``[N, F]`` or ``[N, C, H, W]``.
 
     Returns:
         The :class:`LayerSplit`.
 
     Raises:
         ValueError: If ``layer`` is not a module path of ``model`` (the message lists the
-            valid ones), or runs other than once per forward pass.
+            valid ones), runs other than once per forward pass, or (with
+            ``example_inputs``) outputs another shape.
+        UnbatchableSplitError: With ``method="fx"``, if the traced suffix cannot be
+            batched on ``example_inputs``.
     """
     check_choice("method", method, ("auto", "fx", "hook"))
     if not isinstance(layer, str):
@@ -361,8 +374,18 @@ def split_model(model: nn.Module, layer: str, *, method: SplitMethod = "auto") -
                 if method == "fx":
                     raise
             else:
-                return LayerSplit(model, layer, "fx", *_cut_graph(model, graph, layer))
-        return LayerSplit(model, layer, "hook", *_hook_split(model, layer))
+                split = LayerSplit(model, layer, "fx", *_cut_graph(model, graph, layer))
+                try:
+                    if example_inputs is not None:
+                        split.capture(example_inputs)
+                    return split
+                except UnbatchableSplitError:
+                    if method == "fx":
+                        raise
+        split = LayerSplit(model, layer, "hook", *_hook_split(model, layer))
+        if example_inputs is not None:
+            split.capture(example_inputs)  # checks the layer's output shape
+        return split
 
 
 def ablation_summary(
@@ -601,15 +624,9 @@ def unit_ablation(
     """
     check_inputs(inputs)
     check_targets(targets, inputs.shape[0])
-    split = split_model(model, layer, method=method)
+    split = split_model(model, layer, method=method, example_inputs=inputs[:2])
     with evaluation(model), torch.no_grad():
-        try:
-            activations, live = split.capture(inputs, batch_size=batch_size)
-        except UnbatchableSplitError:
-            if method != "auto":
-                raise
-            split = split_model(model, layer, method="hook")
-            activations, live = split.capture(inputs, batch_size=batch_size)
+        activations, live = split.capture(inputs, batch_size=batch_size)
         return ablation_from_activations(
             split.suffix,
             activations,
