@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from torch import Tensor, nn
 
+import gapwatch
+
 # Two cores are shared by pytest-xdist workers: one intra-op thread each avoids thrashing.
 torch.set_num_threads(1)
+
+
+_PACKAGE = Path(gapwatch.__file__).resolve().parent
+
+
+def own_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    """The messages of ``caught`` that gapwatch raised: its own words or its own code.
+
+    Dependencies deprecate things on their own schedule; a test that counted every warning
+    would fail on the day a new release adds one, so only gapwatch's count.
+    """
+    return [
+        str(w.message)
+        for w in caught
+        if str(w.message).startswith("gapwatch")
+        or Path(w.filename).resolve().is_relative_to(_PACKAGE)
+    ]
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ from gapwatch.functional import (
     transitions,
     unit_ablation,
 )
+from tests.conftest import own_warnings
 
 from .conftest import make_trainer, read_scalars
 
@@ -146,10 +147,6 @@ def _fit(
     trainer = make_trainer(tmp_path, callbacks=callbacks, **options)
     trainer.fit(model, datamodule=data if data is not None else DigitsDataModule())
     return trainer
-
-
-def _warnings_from_gapwatch(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught if str(w.message).startswith("gapwatch")]
 
 
 # -- bad input fails before the first optimizer step, naming the fix -------------------
@@ -428,7 +425,7 @@ def test_nan_weights_are_logged_as_nan_with_one_warning_and_training_goes_on(div
     names = [n for n in _metric_names(broken) if n not in _ACCURACIES]
     assert all(math.isfinite(healthy[n]) for n in names)
     assert [n for n in names if not math.isnan(broken[n])] == []
-    (warning,) = _warnings_from_gapwatch(caught)
+    (warning,) = own_warnings(caught)
     assert "non-finite values at step 5" in warning
     with (log_dir / "metrics.csv").open() as file:
         logged = [row for row in csv.DictReader(file) if row["gapwatch/transitions"]]
@@ -444,7 +441,7 @@ def test_nan_logits_have_no_accuracy(diverged):
 def test_nan_weights_with_a_tensorboard_logger(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run")
     _, _, caught = _diverge(tmp_path, logger)
-    assert len(_warnings_from_gapwatch(caught)) == 1
+    assert len(own_warnings(caught)) == 1
     scalars = read_scalars(logger.log_dir)
     assert math.isnan(scalars["gapwatch/sensitivity"][8])
 
@@ -516,7 +513,7 @@ def test_product_of_layer_norms_beyond_float64_stays_in_log_space(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(tmp_path, [monitor], model, max_epochs=1, limit_train_batches=2)
-    assert not _warnings_from_gapwatch(caught)
+    assert not own_warnings(caught)
     final = monitor.history[-1]
     assert all(math.isfinite(final[n]) for n in _metric_names(final))
     assert final["log_norm_product"] > math.log(torch.finfo(torch.float64).max)
@@ -544,7 +541,7 @@ def test_overflowing_logits_keep_a_finite_normalized_loss(tmp_path):
     for role, probe in (("train", monitor._probes.train), ("test", monitor._probes.heldout)):
         expected = normalized_cross_entropy(reference, probe.inputs, probe.targets)
         assert first[f"normalized_{role}_loss"] == pytest.approx(expected.item(), rel=1e-5)
-    assert len(_warnings_from_gapwatch(caught)) == 1
+    assert len(own_warnings(caught)) == 1
 
 
 # -- a long run: flat time and memory per evaluation, a compact history ----------------

@@ -19,18 +19,11 @@ from torchmetrics.functional import kendall_rank_corrcoef
 from gapwatch import GeneralizationMonitor
 from gapwatch.callbacks.jacobian_norm import JacobianProxy
 from gapwatch.tensorboard import proxy_names
+from tests.conftest import own_warnings
 
 from .conftest import fit, read_scalars
 
 EPOCHS = 3
-
-
-def _gapwatch_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [
-        str(w.message)
-        for w in caught
-        if "gapwatch" in str(w.message) or "gapwatch" in w.filename or "matplotlib" in w.filename
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def run(tmp_path_factory):
         "events": events,
         "scalars": read_scalars(board.log_dir),
         "csv": Path(table.log_dir) / "metrics.csv",
-        "warnings": _gapwatch_warnings(caught),
+        "warnings": own_warnings(caught),
         "root": root,
     }
 
@@ -156,7 +149,7 @@ def test_csv_logger_alone_writes_scalars_and_correlations_quietly(tmp_path, capl
     with warnings.catch_warnings(record=True) as caught, caplog.at_level("INFO"):
         warnings.simplefilter("always")
         fit(tmp_path, [monitor], logger=logger, max_epochs=2)
-    assert _gapwatch_warnings(caught) == []
+    assert own_warnings(caught) == []
     assert not list(tmp_path.rglob("events.out.tfevents.*"))
     with (Path(logger.log_dir) / "metrics.csv").open() as file:
         columns = next(csv.reader(file))
