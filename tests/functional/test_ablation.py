@@ -333,7 +333,8 @@ def test_run_gives_the_outputs_and_the_capture_from_one_pass(method):
     assert torch.equal(activation, captured)
     assert all(torch.equal(a, b) for a, b in zip(live, captured_live, strict=True))
     with torch.no_grad():
-        assert torch.equal(outputs, model(x))
+        # Chunk by chunk, as `run` computes: a matmul over 20 rows may round differently.
+        assert torch.equal(outputs, torch.cat([model(x[i : i + 7]) for i in range(0, 20, 7)]))
     keep = torch.arange(20) % 3 == 0  # rows in every chunk, and a chunk end
     kept, kept_live, all_outputs = split.run(x, batch_size=7, keep=keep)
     assert torch.equal(kept, captured[keep])
