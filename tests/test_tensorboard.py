@@ -120,8 +120,11 @@ def test_trail_figure_one_point_per_evaluation_coloured_by_step_on_log_axes():
     np.testing.assert_allclose(first.get_offsets(), [[SENSITIVITY[0], LOSSES[0]]])
     np.testing.assert_allclose(last.get_offsets(), [[SENSITIVITY[-1], LOSSES[-1]]])
     assert [t.get_text() for t in axes.get_legend().get_texts()] == ["step 0", "step 100"]
-    assert (axes.get_xscale(), axes.get_yscale()) == ("log", "log")
+    # S spans nearly three decades; the losses less than one, where a log axis shows nothing.
+    assert (axes.get_xscale(), axes.get_yscale()) == ("log", "linear")
     assert (axes.get_xlabel(), axes.get_ylabel()) == ("sensitivity", "test_loss")
+    wide = [{**h, "test_loss": 10.0 ** -i} for i, h in enumerate(history)]
+    assert trail_figure(wide, "sensitivity").axes[0].get_yscale() == "log"
 
 
 def test_trail_figure_keeps_a_linear_axis_for_non_positive_values_and_drops_non_finite():
@@ -129,7 +132,47 @@ def test_trail_figure_keeps_a_linear_axis_for_non_positive_values_and_drops_non_
     history[2]["log_norm_product"] = math.inf
     [axes] = trail_figure(history, "log_norm_product").axes
     assert len(axes.collections[0].get_offsets()) == 5
-    assert (axes.get_xscale(), axes.get_yscale()) == ("linear", "log")
+    assert (axes.get_xscale(), axes.get_yscale()) == ("linear", "linear")
+
+
+def _pixels(figure) -> tuple[int, int]:
+    width, height = figure.get_size_inches() * figure.dpi
+    return round(width), round(height)
+
+
+def _overlapping_labels(figure) -> list[tuple[str, str]]:
+    """Pairs of tick labels of one axis whose drawn boxes intersect."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    figure.draw(renderer)
+    pairs = []
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible()]
+            labels = [t for t in labels if t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            for i in range(len(boxes)):
+                for j in range(i):
+                    if boxes[i].overlaps(boxes[j]):
+                        pairs.append((labels[i].get_text(), labels[j].get_text()))
+    return pairs
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        [0.231, 0.232, 0.2335, 0.236, 0.2341, 0.2338],  # kappa: a narrow band
+        [0.12, 0.19, 0.31, 0.55, 0.9, 1.4],  # just over a decade
+        [1e-5, 3e-4, 2e-3, 4e-3, 6e-3, 5e-3],
+        [7811.0, 7902.0, 8120.0, 8305.0, 8010.0, 7950.0],  # transitions
+    ],
+)
+def test_trail_figures_fit_a_tensorboard_card_with_readable_ticks(values):
+    history = [{**h, "ablation_kappa": v} for h, v in zip(_history(), values, strict=True)]
+    figure = trail_figure(history, "ablation_kappa")
+    assert _pixels(figure) == (480, 360)
+    assert _overlapping_labels(figure) == []
 
 
 def _ablation():
@@ -178,28 +221,52 @@ def test_ablation_figure_marks_turning_points_and_shades_the_area_between_curves
     assert len(ablation_figure(result, max_classes=2).axes) == 2
 
 
-def test_layout_charts_each_logged_proxy_with_the_loss_and_matches_only_its_own_tags():
-    metrics = {**_history(1)[0], "predicted_test_loss": 0.5, "predicted_test_loss_bias": 0.6}
-    charts = layout(metrics, "gw.")["gw."]
-    tags = [f"gw.{name}" for name in [*metrics, "corr/sensitivity", "test_loss_x"]]
-    selected = {
-        title: sorted(tag for tag in tags if any(re.match(rx, tag) for rx in regexes))
+def test_ablation_figure_lays_out_two_panels_a_row_at_card_width():
+    result = _ablation()
+    figure = ablation_figure(result)  # three classes: a 2 x 2 grid with one panel left out
+    assert _pixels(figure) == (560, 500)
+    rows = sorted({round(axes.get_position().y0, 3) for axes in figure.axes})
+    assert len(rows) == 2
+    assert _overlapping_labels(figure) == []
+    assert _pixels(ablation_figure(result, max_classes=1)) == (280, 270)
+
+
+def _charted(categories: dict, tags: list[str]) -> dict[tuple[str, str], list[str]]:
+    """The tags each (category, chart) of a layout selects, as TensorBoard matches them."""
+    return {
+        (category, title): sorted(tag for tag in tags if any(re.match(rx, tag) for rx in regexes))
+        for category, charts in categories.items()
         for title, (kind, regexes) in charts.items()
         if kind == "Multiline"
     }
-    assert selected.pop("gap") == ["gw.gap", "gw.test_acc", "gw.train_acc"]
-    assert selected.pop("kendall tau with test_loss") == ["gw.corr/sensitivity"]
+
+
+def test_layout_gives_every_quantity_its_own_chart_beside_the_heldout_loss():
+    metrics = {**_history(1)[0], "predicted_test_loss": 0.5, "predicted_test_loss_bias": 0.6}
+    tags = [f"gw.{name}" for name in [*metrics, "corr/sensitivity", "test_loss_x"]]
+    selected = _charted(layout(metrics, "gw."), tags)
+    # One tag per chart, so each quantity has its own y axis and lines are told apart by run.
     for proxy in proxy_names(metrics):
-        assert selected.pop(f"{proxy} vs test_loss") == sorted([f"gw.{proxy}", "gw.test_loss"])
-    assert selected == {}
+        assert selected.pop((f"gw.: {proxy}", proxy)) == [f"gw.{proxy}"]
+        assert selected.pop((f"gw.: {proxy}", "test_loss")) == ["gw.test_loss"]
+    accuracy = {key: selected.pop(("gw.: accuracy and gap", key)) for key in
+                ["train_acc", "test_acc", "gap", "train_loss", "test_loss"]}  # fmt: skip
+    assert accuracy == {key: [f"gw.{key}"] for key in accuracy}
+    tau = {title: tags for (category, title), tags in selected.items()
+           if category == "gw.: kendall tau with test_loss"}  # fmt: skip
+    assert tau == {f"corr/{p}": ([f"gw.corr/{p}"] if p == "sensitivity" else [])
+                   for p in proxy_names(metrics)}  # fmt: skip
+    assert len(selected) == len(tau)
 
 
 def test_layout_without_heldout_data_charts_only_what_is_logged():
     metrics = {"step": 0.0, "train_loss": 0.3, "train_acc": 0.9, "sensitivity": 1e-3}
-    charts = layout(metrics, "gapwatch/")["gapwatch"]
-    assert charts == {
-        "sensitivity vs test_loss": ["Multiline", ["gapwatch/sensitivity$"]],
-        "gap": ["Multiline", ["gapwatch/train_acc$"]],
+    assert layout(metrics, "gapwatch/") == {
+        "gapwatch: sensitivity": {"sensitivity": ["Multiline", ["gapwatch/sensitivity$"]]},
+        "gapwatch: accuracy and gap": {
+            "train_acc": ["Multiline", ["gapwatch/train_acc$"]],
+            "train_loss": ["Multiline", ["gapwatch/train_loss$"]],
+        },
     }
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter, LogLocator
+from matplotlib.ticker import LogFormatter, LogLocator, MaxNLocator, NullFormatter
 from scipy.stats import kendalltau
 from torch import Tensor
 
@@ -108,12 +108,23 @@ def summary_table(history: History) -> str:
     return "\n".join(lines)
 
 
+def _scale(values: np.ndarray) -> str:
+    """Logarithmic for positive values spanning a decade or more, else linear.
+
+    Within a decade a log axis shows nothing a linear one does not, and its minor labels
+    crowd each other.
+    """
+    positive = bool((values > 0).all())
+    return "log" if positive and values.max() >= 10 * values.min() else "linear"
+
+
 def trail_figure(history: History, proxy: str) -> Figure:
     """The held-out loss against a proxy over the evaluations, one point per evaluation.
 
     Points are coloured by step (viridis: dark is early) and joined in order; the first
     and the latest are ringed and named, so the early, bias-dominated phase stands out.
-    Each axis is logarithmic (as in the papers) when all its values are positive.
+    Each axis is logarithmic (as in the papers) when its values are positive and span a
+    decade or more. The figure is 480 x 360 pixels, the width of a TensorBoard image card.
 
     Args:
         history: One mapping of metric values per evaluation, oldest first.
@@ -123,10 +134,10 @@ def trail_figure(history: History, proxy: str) -> Figure:
         The figure; evaluations where either value is missing or non-finite are left out.
     """
     steps, x, y = _pairs(history, proxy).T
-    figure = Figure(figsize=(4.0, 3.2), dpi=72)
+    figure = Figure(figsize=(4.8, 3.6), dpi=100)
     # Fixed margins and no colorbar: either a layout engine or a colorbar adds half again
     # to the drawing time.
-    figure.subplots_adjust(left=0.18, right=0.96, bottom=0.15, top=0.9)
+    figure.subplots_adjust(left=0.17, right=0.96, bottom=0.15, top=0.9)
     axes = figure.add_subplot()
     axes.plot(x, y, color="0.75", linewidth=1, zorder=1)
     axes.scatter(x, y, c=steps, cmap="viridis", s=22, zorder=2)
@@ -136,19 +147,21 @@ def trail_figure(history: History, proxy: str) -> Figure:
         )
     axes.legend(fontsize=8)
     axes.set(
-        xscale="log" if (x > 0).all() else "linear",
-        yscale="log" if (y > 0).all() else "linear",
+        xscale=_scale(x),
+        yscale=_scale(y),
         xlabel=proxy,
         ylabel=HELDOUT_LOSS,
         title=f"{HELDOUT_LOSS} vs {proxy}",
     )
     for axis in (axes.xaxis, axes.yaxis):
         if axis.get_scale() == "log":
-            # Minor ticks at 2 and 5 only (labelled within a decade), plain labels: the
-            # default eight minor ticks per decade and typeset labels double drawing time.
+            # Minor ticks at 2 and 5 only, plain labels: the default eight minor ticks per
+            # decade and typeset labels double the drawing time.
             axis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
             axis.set_major_formatter(LogFormatter())
-            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 1)))
+            axis.set_minor_formatter(NullFormatter())
+        else:
+            axis.set_major_locator(MaxNLocator(nbins=5))
     return figure
 
 
@@ -157,7 +170,8 @@ def ablation_figure(result: AblationResult, max_classes: int = 4) -> Figure:
 
     ``E(n)`` removes the most active units first, ``E_r(n)`` the least active; the turning
     points ``n0`` (eq. 2) and ``n0_r`` (eq. 3) are marked and the area between the curves,
-    which kappa sums (eq. 5), is shaded.
+    which kappa sums (eq. 5), is shaded. Panels are laid out two per row, so that four
+    classes fill a 560-pixel-wide TensorBoard card at a readable size.
 
     Args:
         result: The ablation of one evaluation (at least one class).
@@ -167,10 +181,14 @@ def ablation_figure(result: AblationResult, max_classes: int = 4) -> Figure:
         The figure.
     """
     shown = min(len(result.classes), max_classes)
-    figure = Figure(figsize=(2.6 * shown, 2.6), dpi=72)
-    figure.subplots_adjust(left=0.08, right=0.98, bottom=0.17, top=0.88, wspace=0.08)
+    cols = min(shown, 2)
+    rows = -(-shown // cols)
+    figure = Figure(figsize=(2.8 * cols, 0.4 + 2.3 * rows), dpi=100)
+    figure.subplots_adjust(left=0.12, right=0.98, bottom=0.45 / (0.4 + 2.3 * rows) + 0.06,
+                           top=1 - 0.35 / (0.4 + 2.3 * rows), wspace=0.08, hspace=0.45)  # fmt: skip
+    grid = figure.subplots(rows, cols, sharex=True, sharey=True, squeeze=False).flatten()
     units = np.arange(result.curves.shape[1])
-    for i, axes in enumerate(figure.subplots(1, shown, sharey=True, squeeze=False)[0]):
+    for i, axes in enumerate(grid[:shown]):
         e, e_r = result.curves[i].cpu().numpy(), result.curves_reversed[i].cpu().numpy()
         n0, n0_r = int(result.n0[i]), int(result.n0_r[i])
         axes.fill_between(units, e, e_r, color="C0", alpha=0.2, linewidth=0)
@@ -180,9 +198,15 @@ def ablation_figure(result: AblationResult, max_classes: int = 4) -> Figure:
         axes.plot([n0_r], [e_r[n0_r]], "^", color="C2", label="n0_r")
         zeta, kappa = float(result.zeta_per_class[i]), float(result.kappa_per_class[i])
         axes.set_title(f"class {int(result.classes[i])}: ζ {zeta:.2f}, κ {kappa:.2f}", fontsize=9)
-        axes.set_xlabel("units removed n")
-    figure.axes[0].set_ylabel("class accuracy")
-    figure.axes[0].legend(fontsize=7)
+        axes.tick_params(labelsize=8)
+        if i % cols == 0:
+            axes.set_ylabel("class accuracy", fontsize=8)
+        if i + cols >= shown:
+            axes.set_xlabel("units removed n", fontsize=8)
+            axes.xaxis.set_tick_params(labelbottom=True)
+    for axes in grid[shown:]:
+        figure.delaxes(axes)
+    grid[0].legend(fontsize=7)
     return figure
 
 
@@ -193,28 +217,38 @@ def _anchored(tag: str) -> str:
 
 
 def layout(metrics: Mapping[str, float], prefix: str) -> dict[str, dict[str, list[Any]]]:
-    """A custom-scalars layout: each proxy beside the held-out loss, and the gap.
+    """A custom-scalars layout: one chart per quantity, each proxy beside the held-out loss.
+
+    Each chart holds a single tag, so every quantity gets its own y axis (sensitivity sits
+    near 1e-4, transitions near 1e4) and each line is coloured by its run, which is how
+    TensorBoard tells the lines of one chart apart. A chart is named after its tag alone,
+    so the layouts of several runs in one log directory merge without duplicates.
 
     Args:
         metrics: One evaluation's metrics (names without prefix): only these are charted.
         prefix: The prefix of the logged names.
 
     Returns:
-        The ``layout`` argument of ``SummaryWriter.add_custom_scalars``.
+        The ``layout`` argument of ``SummaryWriter.add_custom_scalars``: a category per
+        proxy with its chart and the held-out loss's side by side, one for accuracy and
+        gap, and one of the running Kendall correlations, a chart per proxy.
     """
-    loss = [HELDOUT_LOSS] if HELDOUT_LOSS in metrics else []
-    charts = {
-        f"{proxy} vs {HELDOUT_LOSS}": [_anchored(prefix + n) for n in (proxy, *loss)]
-        for proxy in proxy_names(metrics)
-    }
-    if loss and proxy_names(metrics):
-        # A bare prefix matches every correlation, including those not logged yet.
-        charts[f"kendall tau with {HELDOUT_LOSS}"] = [re.escape(prefix + CORR)]
-    gap = [_anchored(prefix + n) for n in GAP_NAMES if n in metrics]
-    if gap:
-        charts["gap"] = gap
     title = prefix.rstrip("/") or "gapwatch"
-    return {title: {name: ["Multiline", tags] for name, tags in charts.items()}}
+    loss = [HELDOUT_LOSS] if HELDOUT_LOSS in metrics else []
+    proxies = proxy_names(metrics)
+
+    def charts(names: Sequence[str]) -> dict[str, list[Any]]:
+        return {name: ["Multiline", [_anchored(prefix + name)]] for name in names}
+
+    categories = {f"{title}: {proxy}": charts([proxy, *loss]) for proxy in proxies}
+    accuracy = [n for n in (*GAP_NAMES, "train_loss", *loss) if n in metrics]
+    if accuracy:
+        categories[f"{title}: accuracy and gap"] = charts(accuracy)
+    if loss and proxies:
+        categories[f"{title}: kendall tau with {HELDOUT_LOSS}"] = charts(
+            [CORR + proxy for proxy in proxies]
+        )
+    return categories
 
 
 def tensorboard_logger(trainer: Trainer) -> TensorBoardLogger | None:
@@ -284,12 +318,12 @@ class Visuals:
                     writer.add_figure(figures + proxy, trail_figure(history, proxy), step)
 
     def finish(self, settings: Mapping[str, Any], history: History) -> None:
-        """Write the hparams entry: the run's settings and its final values as metrics.
+        """Write the hparams entry: the run's settings, with its logged values as metrics.
 
-        TensorBoard shows the first hparams entry of a run. Lightning writes a placeholder
-        one (``hp_metric``) at fit start unless the logger was created with
-        ``default_hp_metric=False``; this entry carries the module's hyperparameters too,
-        so nothing is lost by turning the placeholder off.
+        TensorBoard reads an hparams metric's value from the run's scalars of that tag,
+        which gapwatch has logged already; the entry only names them. (Lightning's
+        ``log_hyperparams(metrics=...)`` would log every final value a second time.)
+        TensorBoard shows the first hparams entry of a run: see :func:`placeholder_warning`.
 
         Args:
             settings: Primitive settings of the callback and its proxies, full names.
@@ -297,6 +331,31 @@ class Visuals:
         """
         if not history:
             return
-        final = {self.prefix + n: v for n, v in history[-1].items() if n != "step"}
-        params = {**self.logger.hparams, **settings}
-        self.logger.log_hyperparams(params, metrics=final, step=int(history[-1]["step"]))
+        from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
+        from torch.utils.tensorboard.summary import hparams
+
+        self.logger.hparams.update(settings)  # saved to hparams.yaml beside the events
+        params = self.logger._sanitize_params(_flatten_dict(_convert_params(self.logger.hparams)))
+        metrics = {self.prefix + n: v for n, v in history[-1].items() if n != "step"}
+        writer = self.logger.experiment._get_file_writer()
+        step = int(history[-1]["step"])
+        for summary in hparams(params, metrics):
+            writer.add_summary(summary, step)
+        self.logger.save()
+
+
+def placeholder_warning(logger: TensorBoardLogger) -> str | None:
+    """What to tell a user whose logger writes Lightning's placeholder hparams entry.
+
+    Lightning's ``TensorBoardLogger`` writes ``hp_metric = -1`` at fit start unless it was
+    created with ``default_hp_metric=False``; TensorBoard's HParams tab then shows that
+    entry, not gapwatch's settings and final values.
+    """
+    if not getattr(logger, "_default_hp_metric", False):
+        return None
+    return (
+        "gapwatch: this TensorBoardLogger writes Lightning's placeholder hparams entry "
+        "(hp_metric = -1), which TensorBoard's HParams tab shows instead of gapwatch's "
+        "settings and final values; create it with TensorBoardLogger(..., "
+        "default_hp_metric=False)."
+    )

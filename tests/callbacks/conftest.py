@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
             for event in accumulator.Scalars(tag):
                 scalars.setdefault(tag, {})[event.step] = event.value
     return scalars
+
+
+def repeated_points(log_dir: Path) -> dict[tuple[str, int], int]:
+    """``(tag, step)`` pairs written more than once in the event files below ``log_dir``."""
+    counts: Counter[tuple[str, int]] = Counter()
+    for file in sorted(Path(log_dir).rglob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        accumulator.Reload()
+        for tag in accumulator.Tags()["scalars"]:
+            counts.update((tag, event.step) for event in accumulator.Scalars(tag))
+    return {point: n for point, n in counts.items() if n > 1}
 
 
 @pytest.fixture

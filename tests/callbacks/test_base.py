@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from gapwatch import GeneralizationMonitor, JacobianNorm, OutputSensitivity
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 
-from .conftest import fit, make_trainer, read_scalars
+from .conftest import fit, make_trainer, read_scalars, repeated_points
 
 
 def test_step_zero_and_every_epoch_aligned_with_validation_metrics(tmp_path):
@@ -36,6 +36,28 @@ def test_every_n_epochs_and_every_n_train_steps(tmp_path):
     stepped = OutputSensitivity(every_n_train_steps=7, every_n_epochs=100, probe_size=64)
     fit(tmp_path, [stepped], max_epochs=1, limit_val_batches=0)
     assert [int(h["step"]) for h in stepped.history] == [0, 6, 13]
+
+
+def test_every_train_step_writes_each_point_once(tmp_path):
+    # After the first optimizer step Lightning's logging step is still 0, the step of the
+    # evaluation before training: that point must not be written twice.
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    monitor = GeneralizationMonitor(every_n_train_steps=1, probe_size=32, ablation=False)
+    fit(tmp_path, [monitor], logger=logger, max_epochs=2, limit_train_batches=5)
+    assert [int(h["step"]) for h in monitor.history] == list(range(10))
+    assert repeated_points(logger.log_dir) == {}
+    assert sorted(read_scalars(logger.log_dir)["gapwatch/sensitivity"]) == list(range(10))
+
+
+def test_a_reused_callback_starts_each_fit_fresh(tmp_path):
+    monitor = OutputSensitivity(probe_size=64)
+    fit(tmp_path, [monitor], max_epochs=2)
+    first = monitor._probes.train.inputs.clone()
+    # Another model on other data: probes, history and step 0 are its own.
+    fit(tmp_path, [monitor], max_epochs=1, data=DigitsDataModule(seed=1), seed=1)
+    assert [int(h["step"]) for h in monitor.history] == [0, 19]
+    assert not torch.equal(monitor._probes.train.inputs, first)
+    assert monitor.history[0]["train_acc"] < 0.3  # an untrained model, not the first fit's
 
 
 def test_probe_size_and_prefix(tmp_path):
@@ -84,15 +106,21 @@ def test_model_checkpoint_monitors_a_proxy(tmp_path):
 def test_resume_continues_without_a_second_step_zero(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     first = OutputSensitivity(probe_size=64)
-    fit(tmp_path, [first, checkpoint], max_epochs=1)
+
+    def logger() -> TensorBoardLogger:  # both fits write to the same run
+        return TensorBoardLogger(tmp_path, name="run", version=0, default_hp_metric=False)
+
+    fit(tmp_path, [first, checkpoint], max_epochs=1, logger=logger())
     resumed = OutputSensitivity(probe_size=64)
     model = DigitsClassifier(width=8)
-    trainer = make_trainer(tmp_path, callbacks=[resumed], max_epochs=2)
+    trainer = make_trainer(tmp_path, callbacks=[resumed], max_epochs=2, logger=logger())
     trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     steps = [int(h["step"]) for h in resumed.history]
     assert steps[:2] == [0, 19]
     assert steps[2:] == [39]
     assert torch.equal(first._probes.train.inputs, resumed._probes.train.inputs)
+    assert repeated_points(tmp_path / "run") == {}
+    assert sorted(read_scalars(tmp_path / "run")["gapwatch/sensitivity"]) == [0, 19, 39]
 
 
 def test_csv_logger_and_several_loggers_get_the_scalars(tmp_path):

@@ -60,18 +60,25 @@ def test_no_warnings_and_no_pyplot_figures_left_open(run):
     assert plt.get_fignums() == []
 
 
-def test_custom_scalars_layout_written_once_and_names_the_charts(run):
+def test_custom_scalars_layout_written_once_one_chart_per_quantity(run):
     [event] = run["events"].Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
-    [category] = layout.category
-    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
+    categories = {
+        category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+        for category in layout.category
+    }
     proxies = proxy_names(run["monitor"].history[-1])
     assert len(proxies) == 10
     for proxy in proxies:
-        assert charts[f"{proxy} vs test_loss"] == [f"gapwatch/{proxy}$", "gapwatch/test_loss$"]
-    assert charts["gap"] == ["gapwatch/train_acc$", "gapwatch/test_acc$", "gapwatch/gap$"]
-    assert charts["kendall tau with test_loss"] == ["gapwatch/corr/"]
-    assert len(charts) == len(proxies) + 2
+        assert categories.pop(f"gapwatch: {proxy}") == {
+            proxy: [f"gapwatch/{proxy}$"],
+            "test_loss": ["gapwatch/test_loss$"],
+        }
+    accuracy = categories.pop("gapwatch: accuracy and gap")
+    assert list(accuracy) == ["train_acc", "test_acc", "gap", "train_loss", "test_loss"]
+    tau = categories.pop("gapwatch: kendall tau with test_loss")
+    assert tau == {f"corr/{p}": [f"gapwatch/corr/{p}$"] for p in proxies}
+    assert categories == {}
 
 
 def test_a_trail_figure_per_proxy_and_the_ablation_curves_at_every_evaluation(run):
@@ -116,6 +123,13 @@ def test_hparams_entry_has_the_settings_and_the_final_values_as_metrics(run):
     last = _steps(run)[-1]
     for name in metrics:
         assert run["scalars"][name][last] == pytest.approx(final[name.removeprefix("gapwatch/")])
+
+
+def test_every_point_is_written_once_also_at_fit_end(run):
+    # The hparams entry names the metrics; it must not log their final values again.
+    for tag in run["events"].Tags()["scalars"]:
+        steps = [event.step for event in run["events"].Scalars(tag)]
+        assert len(steps) == len(set(steps)), tag
 
 
 def test_running_kendall_correlations_from_the_second_evaluation(run):

@@ -46,7 +46,13 @@ from gapwatch.functional._common import (
     evaluation,
     forward_chunks,
 )
-from gapwatch.tensorboard import Visuals, correlations, summary_table, tensorboard_logger
+from gapwatch.tensorboard import (
+    Visuals,
+    correlations,
+    placeholder_warning,
+    summary_table,
+    tensorboard_logger,
+)
 
 HeldOut = Literal["val", "test", "none"]
 
@@ -155,9 +161,23 @@ class ProbeCallback(Callback):
 
     # -- Lightning hooks ---------------------------------------------------------------
 
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Start every fit fresh: a reused callback must not carry the last fit's curves.
+
+        Lightning restores a checkpoint's state (``load_state_dict``) after this hook, so a
+        resumed fit still continues its curves.
+        """
+        if stage == "fit":
+            self.last_step, self.history = None, []
+            self._probes, self._done_at, self._warned_nonfinite = None, None, False
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the TensorBoard run for the figures, if any (global rank zero only)."""
         self._visuals = Visuals.of(trainer, self.prefix, self.figures_every_n_evaluations)
+        if self._visuals is not None:
+            warning = placeholder_warning(self._visuals.logger)
+            if warning is not None:
+                rank_zero_warn(warning)
         # Every process takes part in gathering what rank 0 draws.
         self._gathers_values = trainer.world_size > 1 and tensorboard_logger(trainer) is not None
 
@@ -286,10 +306,12 @@ class ProbeCallback(Callback):
         return torch.cat([out for _, _, out in chunks])
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._probes is None or self._done_at == trainer.global_step:
+        step = self._step(trainer)
+        # One point per step: after the first optimizer step Lightning's step is still 0,
+        # which the evaluation before training already holds.
+        if self._probes is None or trainer.global_step == self._done_at or step == self.last_step:
             return
         self._done_at = trainer.global_step
-        step = self._step(trainer)
         model = self.get_model(pl_module)
         context = Context(
             generator=torch.Generator(device=pl_module.device).manual_seed(self.seed),
