@@ -230,3 +230,12 @@ def test_label_free_proxies_run_on_unlabelled_batches_and_labelled_ones_refuse(t
 
     with pytest.raises(ValueError, match="Unit ablation needs labelled train batches"):
         fit(tmp_path, [UnlabelledAblation(probe_size=64)], max_epochs=1)
+
+
+def test_two_callbacks_with_one_prefix_are_refused_before_training(tmp_path):
+    twins = [OutputSensitivity(probe_size=32), JacobianNorm(probe_size=32)]
+    with pytest.raises(ValueError, match=r"same prefix 'gapwatch/'.*one GeneralizationMonitor"):
+        fit(tmp_path, twins, max_epochs=1)
+    apart = [OutputSensitivity(probe_size=32), JacobianNorm(probe_size=32, prefix="jac/")]
+    trainer, _ = fit(tmp_path, apart, max_epochs=1, limit_train_batches=2)
+    assert {"gapwatch/sensitivity", "jac/jacobian_norm"} <= set(trainer.callback_metrics)

@@ -98,6 +98,18 @@ class _Tokens(DigitsClassifier):
         )
 
 
+class _Residual(DigitsClassifier):
+    """The digits MLP with a skip connection around its hidden layer."""
+
+    def __init__(self) -> None:
+        super().__init__(arch="mlp", width=8)
+        self.skip = nn.Linear(64, 8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        return self.net[-1](F.relu(self.net[1](flat)) + self.skip(flat))
+
+
 class _Keyed(Dataset):
     """Samples ``({"pixels": x}, y)``: inputs nested one level deeper than gapwatch looks."""
 
@@ -123,6 +135,32 @@ class _Digits(DigitsDataModule):
         self.train_set, self.val_set = (
             self.change(*split.tensors) for split in (self.train_set, self.val_set)
         )
+
+
+class _Mapped(Dataset):
+    """Samples ``{"x": x, "label": y}``: the labels under a key gapwatch does not guess."""
+
+    def __init__(self, inputs: Tensor, labels: Tensor) -> None:
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"x": self.inputs[index], "label": self.labels[index]}
+
+
+class _MappedClassifier(DigitsClassifier):
+    """The digits classifier on ``{"x", "label"}`` batches."""
+
+    def __init__(self) -> None:
+        super().__init__(width=8)
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return F.cross_entropy(self(batch["x"]), batch["label"])
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self.log("val_loss", F.cross_entropy(self(batch["x"]), batch["label"]))
 
 
 def _values(x: Tensor, y: Tensor) -> Dataset:
@@ -251,7 +289,31 @@ BAD_SETUPS = [
         _Regressor,
         lambda: _Digits(_values),
         ValueError,
-        r"K >= 2.*output='logits'",
+        r"K >= 2.*one output; for a regression model pass `output='logits'`",
+    ),
+    _case(
+        "layerwise normalization of a residual network",
+        _probe_16(NormalizedLoss, mode="layerwise"),
+        lambda: _Residual(),
+        DigitsDataModule,
+        ValueError,
+        r"not a chain of layers.*Use `mode='output'`.*or `mode='auto'`",
+    ),
+    _case(
+        "layerwise normalization of a residual network in the suite",
+        _probe_16(GeneralizationMonitor, normalization="layerwise"),
+        lambda: _Residual(),
+        DigitsDataModule,
+        ValueError,
+        r"not a chain of layers.*Use `normalization='output'`.*or `normalization='auto'`",
+    ),
+    _case(
+        "dict batches whose labels are under another key",
+        _probe_16(UnitAblation),
+        _MappedClassifier,
+        lambda: _Digits(_Mapped),
+        ValueError,
+        r"keys \['x', 'label'\]: set `target_key=` to the key of the labels",
     ),
     _case(
         "regression: normalized loss",
@@ -259,7 +321,7 @@ BAD_SETUPS = [
         _Regressor,
         lambda: _Digits(_values),
         ValueError,
-        r"K >= 2.*output_sensitivity",
+        r"K >= 2.*OutputSensitivity or JacobianNorm\(output='logits'\)",
     ),
     _case(
         "regression: unit ablation",
@@ -267,7 +329,7 @@ BAD_SETUPS = [
         _Regressor,
         lambda: _Digits(_values),
         ValueError,
-        r"K >= 2.*output_sensitivity",
+        r"K >= 2.*OutputSensitivity or JacobianNorm\(output='logits'\)",
     ),
     _case(
         "regression targets for a classifier's normalized loss",
@@ -320,6 +382,27 @@ def test_a_model_converted_from_float32_fails_before_the_first_step(tmp_path, pr
 def test_bad_arguments_fail_in_init_naming_the_fix(make, fix):
     with pytest.raises(ValueError, match=fix):
         make()
+
+
+def test_the_suite_on_a_regression_model_runs_what_applies(tmp_path, caplog):
+    monitor = GeneralizationMonitor(probe_size=64)
+    model = _Regressor()
+    seed_everything(0, verbose=False)
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, [monitor], model, _Digits(_values), max_epochs=1, limit_train_batches=3)
+    final = monitor.history[-1]
+    logged = {n for n in final if not n.startswith("corr/")}
+    assert logged == {"step", "test_loss", "train_loss", "sensitivity", "jacobian_norm"}
+    assert all(math.isfinite(v) for v in final.values())
+    skipped = [r.message for r in caplog.records if r.message.startswith("gapwatch: skipping")]
+    assert [m.split(":")[1].strip() for m in skipped] == [
+        "skipping NormalizedLoss",
+        "skipping Ablation",
+    ]
+    assert all("K >= 2" in m for m in skipped)
+    # With one output the row-sampling projection always draws that row: it is exact.
+    expected = jacobian_norm(model, monitor._probes.heldout.inputs, output="logits", method="exact")
+    assert final["jacobian_norm"] == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_regression_column_targets_give_the_mean_squared_error(tmp_path):

@@ -27,10 +27,15 @@ Role = Literal["heldout", "train"]
 
 @dataclass(frozen=True)
 class Probe:
-    """One fixed probe set: inputs ``[N, ...]`` and optional targets ``[N]``."""
+    """One fixed probe set: inputs ``[N, ...]`` and optional targets ``[N]``.
+
+    ``batch_keys`` holds the keys of the user's batches when they are mappings, so that a
+    message about missing targets can name the key to set.
+    """
 
     inputs: Tensor
     targets: Tensor | None
+    batch_keys: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -38,12 +43,12 @@ class Probe:
     def shard(self, rank: int, world_size: int) -> Probe:
         """The rows this process evaluates under data parallelism (strided, so balanced)."""
         targets = None if self.targets is None else self.targets[rank::world_size]
-        return Probe(self.inputs[rank::world_size], targets)
+        return Probe(self.inputs[rank::world_size], targets, self.batch_keys)
 
     def to(self, device: torch.device) -> Probe:
         """The same probe on ``device``."""
         targets = None if self.targets is None else self.targets.to(device)
-        return Probe(self.inputs.to(device), targets)
+        return Probe(self.inputs.to(device), targets, self.batch_keys)
 
 
 @dataclass(frozen=True)
@@ -146,10 +151,12 @@ def draw_probe(
             items = [dataset[i] for i in order]
         if not items:
             raise ValueError(f"The {role} dataset is empty; gapwatch needs samples to probe.")
-        inputs, targets = split(collate(items))
+        batch = collate(items)
+        inputs, targets = split(batch)
+    keys = tuple(map(str, batch)) if isinstance(batch, Mapping) else None
     if targets is not None:
         targets = _one_per_sample(targets.detach(), len(inputs), role)
-    return Probe(inputs.detach().float().clone(), targets)
+    return Probe(inputs.detach().float().clone(), targets, keys)
 
 
 def _one_per_sample(targets: Tensor, num_samples: int, role: str) -> Tensor:

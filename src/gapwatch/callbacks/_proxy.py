@@ -25,13 +25,39 @@ from gapwatch.callbacks._probes import Probes, Role
 from gapwatch.functional._common import check_targets
 
 
+class NotApplicableError(ValueError):
+    """A proxy cannot measure this model or data: a regression model, unlabelled batches.
+
+    A single-proxy callback lets it stop the fit at setup; ``GeneralizationMonitor`` skips
+    the proxy instead and says why.
+    """
+
+
+def require_classes(num_outputs: int, what: str) -> None:
+    """Raise, naming the callbacks that do apply, if the model has a single output."""
+    if num_outputs < 2:
+        raise NotApplicableError(
+            f"{what} needs class scores (K >= 2 outputs), but the model has one output. For a "
+            "regression model use OutputSensitivity or JacobianNorm(output='logits'), or "
+            "GeneralizationMonitor(), which runs what applies and skips the rest."
+        )
+
+
 def require_train_targets(probes: Probes, what: str) -> None:
     """Raise, naming the fix, if a proxy that needs labels meets unlabelled train batches."""
-    if probes.train.targets is None:
-        raise ValueError(
-            f"{what} needs labelled train batches, but they carry no targets: use "
-            "`(inputs, targets)` batches or override `split_batch`."
+    if probes.train.targets is not None:
+        return
+    keys = probes.train.batch_keys
+    if keys is not None:
+        fix = (
+            f"the batches are mappings with keys {list(keys)}: set `target_key=` to the key "
+            "of the labels"
         )
+    else:
+        fix = "use `(inputs, targets)` batches or override `split_batch`"
+    raise NotApplicableError(
+        f"{what} needs labelled train batches, but they carry no targets: {fix}."
+    )
 
 
 Stats = dict[str, Tensor]

@@ -25,6 +25,7 @@ metric in both of its check modes.
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
@@ -37,7 +38,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from gapwatch.callbacks._probes import Probe, Probes, Role, draw_probe, split_batch
-from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
+from gapwatch.callbacks._proxy import (
+    Context,
+    LossProxy,
+    NotApplicableError,
+    Outputs,
+    Proxy,
+    Stats,
+)
 from gapwatch.functional._common import (
     as_outputs,
     check_choice,
@@ -115,6 +123,9 @@ class ProbeCallback(Callback):
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
         self.proxies: list[Proxy] = [LossProxy(), *proxies]
+        self._active: list[Proxy] = []  # the proxies that apply to this fit's model and data
+        # GeneralizationMonitor skips a proxy that does not apply; a single proxy refuses.
+        self._skips_inapplicable = False
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
         self.probe_size = probe_size
@@ -167,6 +178,15 @@ class ProbeCallback(Callback):
         Lightning restores a checkpoint's state (``load_state_dict``) after this hook, so a
         resumed fit still continues its curves.
         """
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        twins = [c for c in callbacks if isinstance(c, ProbeCallback) and c.prefix == self.prefix]
+        if len(twins) > 1:
+            raise ValueError(
+                f"{len(twins)} gapwatch callbacks ({', '.join(type(c).__name__ for c in twins)}) "
+                f"log under the same prefix {self.prefix!r}, so their test_loss, train_loss, ... "
+                "would overwrite each other. Use one GeneralizationMonitor (its switches pick "
+                "the proxies), or give each callback its own `prefix=`."
+            )
         if stage == "fit":
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
@@ -249,14 +269,25 @@ class ProbeCallback(Callback):
         full = Probes(heldout=heldout, train=train)
         with isolate_rng():
             num_outputs = self._num_outputs(model, train)
-            for proxy in self.proxies:
-                proxy.setup(model, full, num_outputs)
+            self._active = [p for p in self.proxies if self._set_up(p, model, full, num_outputs)]
         device = pl_module.device
         rank, world = trainer.global_rank, trainer.world_size
         return Probes(
             heldout=None if heldout is None else heldout.shard(rank, world).to(device),
             train=train.shard(rank, world).to(device),
         )
+
+    def _set_up(self, proxy: Proxy, model: nn.Module, probes: Probes, num_outputs: int) -> bool:
+        """Set ``proxy`` up; False if it does not apply and this callback skips such proxies."""
+        try:
+            proxy.setup(model, probes, num_outputs)
+        except NotApplicableError as reason:
+            if not self._skips_inapplicable:
+                raise
+            name = type(proxy).__name__.removesuffix("Proxy")
+            rank_zero_info(f"gapwatch: skipping {name}: {str(reason).split(', but ')[0]}.")
+            return False
+        return True
 
     def _draw(self, loader: DataLoader, role: str) -> Probe:
         return draw_probe(
@@ -298,7 +329,7 @@ class ProbeCallback(Callback):
         return Outputs(heldout, self._logits(model, probes, "train", context))
 
     def _logits(self, model: nn.Module, probes: Probes, role: Role, context: Context) -> Tensor:
-        for proxy in self.proxies:
+        for proxy in self._active:
             logits = proxy.run_probe(model, probes, role, context)
             if logits is not None:
                 return logits
@@ -324,11 +355,11 @@ class ProbeCallback(Callback):
         stats: list[Stats] = []
         with isolate_rng(), evaluation(model), torch.no_grad():
             outputs = self._forward(model, self._probes, context)
-            for proxy in self.proxies:
+            for proxy in self._active:
                 stats.append(proxy.statistics(model, self._probes, outputs, context))
         stats = _reduce(trainer, stats)
         metrics: dict[str, float] = {}
-        for proxy, proxy_stats in zip(self.proxies, stats, strict=True):
+        for proxy, proxy_stats in zip(self._active, stats, strict=True):
             metrics |= proxy.finalize(proxy_stats)
         metrics |= correlations([*self.history, {"step": float(step), **metrics}])
         self._publish(trainer, metrics, step)
@@ -343,7 +374,7 @@ class ProbeCallback(Callback):
         A histogram of this process's shard alone would show a subsample of the probe.
         The ablation curves are per class and stay this process's classes.
         """
-        artifacts = {k: v for p in self.proxies for k, v in p.artifacts().items()}
+        artifacts = {k: v for p in self._active for k, v in p.artifacts().items()}
         if trainer.world_size > 1:
             for name in sorted(artifacts):  # the same order on every process
                 value = artifacts[name]
@@ -377,7 +408,8 @@ class ProbeCallback(Callback):
         self.history.append({"step": float(step), **metrics})
         self.last_step = step
         if len(self.history) == 1:
-            rank_zero_info(f"gapwatch: evaluating {sorted(named)} at step {step}.")
+            names = ", ".join(sorted(metrics))
+            rank_zero_info(textwrap.fill(f"gapwatch logs {self.prefix}{{{names}}}", width=100))
 
 
 def _first_loader(loaders: Any, role: str) -> DataLoader:

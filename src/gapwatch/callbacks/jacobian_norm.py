@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes, Role
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean, sum_and_count
 from gapwatch.callbacks.base import ProbeCallback
-from gapwatch.functional._common import check_choice, check_classifier, check_positive
+from gapwatch.functional._common import check_choice, check_positive
 from gapwatch.functional.jacobian import Method, Output, jacobian_norm
 
 
@@ -26,20 +27,31 @@ class JacobianProxy(Proxy):
         method: Method = "projection",
         output: Output = "softmax",
         num_projections: int = 3,
+        *,
+        option: str = "output",
+        logits_for_regression: bool = False,
     ) -> None:
         check_choice("method", method, ("projection", "exact"))
-        check_choice("output", output, ("softmax", "logits"))
+        check_choice(option, output, ("softmax", "logits"))
         check_positive("num_projections", num_projections, integer=True)
         self.method = method
         self.output = output
         self.num_projections = num_projections
+        self._option = option  # the name of `output` in the user's callback, for messages
+        self._logits_for_regression = logits_for_regression
         self.last_norms: torch.Tensor | None = None
         self._pending: Tensor | None = None  # norms from `run_probe`, for `statistics`
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """The softmax Jacobian needs class scores."""
-        if self.output == "softmax":
-            check_classifier(num_outputs, "The softmax Jacobian norm")
+        if self.output == "softmax" and num_outputs < 2 and self._logits_for_regression:
+            rank_zero_info("gapwatch: the model has one output; the Jacobian norm is of it.")
+            self.output = "logits"
+        if self.output == "softmax" and num_outputs < 2:
+            raise ValueError(
+                "The softmax Jacobian norm needs class scores (K >= 2 outputs) but the model "
+                f"has one output; for a regression model pass `{self._option}='logits'`."
+            )
 
     def run_probe(
         self, model: nn.Module, probes: Probes, role: Role, context: Context

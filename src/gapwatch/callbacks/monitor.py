@@ -38,9 +38,12 @@ class GeneralizationMonitor(ProbeCallback):
         jacobian_method: ``"projection"`` or ``"exact"``.
         jacobian_output: ``"softmax"`` or ``"logits"``.
         num_projections: Random projections per sample for the projection method.
-        normalization: ``"layerwise"`` (product of layer norms) or ``"output"`` (for
-            residual networks).
+        normalization: ``"auto"`` (layerwise where that is exact, output otherwise,
+            reported once), ``"layerwise"`` (product of layer norms) or ``"output"``
+            (output norm on reference inputs, for residual networks).
         p: Order of the norm used for normalization.
+        scale: Eq. 6's ``R``: the normalized logits are multiplied by it, which spreads
+            the normalized losses (otherwise just below ``ln K``) for early stopping.
         layer: Module path of the ablated layer; by default chosen automatically.
         max_classes: Classes evaluated per ablation (a random subset when there are more).
         gap_coefficients: ``(a, b, c)`` of a fitted :class:`~gapwatch.GapEstimator`; then
@@ -55,7 +58,9 @@ class GeneralizationMonitor(ProbeCallback):
         trainer = Trainer(
             callbacks=[
                 GeneralizationMonitor(),
-                EarlyStopping(monitor="gapwatch/normalized_train_loss", min_delta=1e-4),
+                EarlyStopping(
+                    monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=5
+                ),
             ]
         )
     """
@@ -73,8 +78,9 @@ class GeneralizationMonitor(ProbeCallback):
         jacobian_method: Literal["projection", "exact"] = "projection",
         jacobian_output: Literal["softmax", "logits"] = "softmax",
         num_projections: int = 3,
-        normalization: Literal["layerwise", "output"] = "layerwise",
+        normalization: Literal["auto", "layerwise", "output"] = "auto",
         p: float = 2.0,
+        scale: float = 1.0,
         layer: str | None = None,
         max_classes: int = 10,
         gap_coefficients: tuple[float, float, float] | None = None,
@@ -86,11 +92,20 @@ class GeneralizationMonitor(ProbeCallback):
         if sensitivity:
             proxies.append(SensitivityProxy(sigma, num_draws))
         if jacobian:
-            proxies.append(JacobianProxy(jacobian_method, jacobian_output, num_projections))
+            proxies.append(
+                JacobianProxy(
+                    jacobian_method,
+                    jacobian_output,
+                    num_projections,
+                    option="jacobian_output",
+                    logits_for_regression=True,
+                )
+            )
         if normalized_loss:
-            proxies.append(NormalizedLossProxy(normalization, p))
+            proxies.append(NormalizedLossProxy(normalization, p, scale, option="normalization"))
         if ablation:
             proxies.append(AblationProxy(layer, max_classes, gap_coefficients))
         if transitions:
             proxies.append(TransitionsProxy(num_points, max_images))
         super().__init__(proxies, **kwargs)
+        self._skips_inapplicable = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes
@@ -14,18 +15,22 @@ from gapwatch.callbacks._proxy import (
     Proxy,
     Stats,
     mean,
+    require_classes,
     require_train_targets,
 )
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import (
     check_choice,
-    check_classifier,
     check_positive,
     check_targets,
 )
-from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
+from gapwatch.functional.normalized_loss import (
+    layerwise_obstacle,
+    normalization_factor,
+    normalized_cross_entropy,
+)
 
-Mode = Literal["layerwise", "output"]
+Mode = Literal["auto", "layerwise", "output"]
 
 
 class NormalizedLossProxy(Proxy):
@@ -35,13 +40,27 @@ class NormalizedLossProxy(Proxy):
     costs no forward pass in ``"layerwise"`` mode, unless the logits overflowed: the
     network with normalized weights is then run instead, and stays finite. In ``"output"``
     mode ``rho`` comes from the first ``num_reference`` train-probe inputs, the same on
-    every process.
+    every process. ``"auto"`` picks ``"layerwise"`` where it is exact and ``"output"``
+    otherwise, at setup, saying which and why.
+
+    Args:
+        mode: ``"auto"``, ``"layerwise"`` or ``"output"``.
+        p: Order of the norm.
+        scale: Eq. 6's ``R``, multiplying the normalized logits.
+        num_reference: Train-probe inputs used as references in ``"output"`` mode.
+        option: The name of ``mode`` in the callback the user configures, for messages.
     """
 
     def __init__(
-        self, mode: Mode = "layerwise", p: float = 2.0, scale: float = 1.0, num_reference: int = 8
+        self,
+        mode: Mode = "auto",
+        p: float = 2.0,
+        scale: float = 1.0,
+        num_reference: int = 8,
+        *,
+        option: str = "mode",
     ) -> None:
-        check_choice("mode", mode, ("layerwise", "output"))
+        check_choice(option, mode, ("auto", "layerwise", "output"))
         check_positive("p", p)
         check_positive("scale", scale)
         check_positive("num_reference", num_reference, integer=True)
@@ -49,15 +68,29 @@ class NormalizedLossProxy(Proxy):
         self.p = p
         self.scale = scale
         self.num_reference = num_reference
+        self._option = option
+        self.resolved_mode: Literal["layerwise", "output"] = (
+            "output" if mode == "output" else "layerwise"
+        )
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Fail now on regression, or on an architecture the mode cannot normalize."""
-        check_classifier(num_outputs, "The normalized cross-entropy")
+        require_classes(num_outputs, "The normalized cross-entropy")
         require_train_targets(probes, "The normalized train loss")
         for probe in (probes.train, probes.heldout):
             if probe is not None and probe.targets is not None:
                 check_targets(probe.targets, len(probe))
-        output_mode = self.mode == "output"
+        obstacle = None if self.mode == "output" else layerwise_obstacle(model)
+        if obstacle is not None and self.mode == "layerwise":
+            raise ValueError(
+                f"{obstacle} Use `{self._option}='output'` (Liao-Poggio appendix H: normalize "
+                f"by the output norm on reference inputs) or `{self._option}='auto'`."
+            )
+        self.resolved_mode = "output" if self.mode == "output" or obstacle else "layerwise"
+        if self.mode == "auto":
+            why = obstacle or "the model is a chain of layers whose norms factor out of f"
+            rank_zero_info(f"gapwatch: normalized loss in {self.resolved_mode!r} mode: {why}")
+        output_mode = self.resolved_mode == "output"
         self.reference = probes.train.inputs[: self.num_reference] if output_mode else None
         self._log_rho(model)
 
@@ -83,7 +116,7 @@ class NormalizedLossProxy(Proxy):
                 model,
                 probe.inputs,
                 probe.targets,
-                mode=self.mode,
+                mode=self.resolved_mode,
                 p=self.p,
                 reference_inputs=self._reference(model),
                 scale=self.scale,
@@ -107,7 +140,11 @@ class NormalizedLossProxy(Proxy):
 
     def _log_rho(self, model: nn.Module) -> Tensor:
         log_rho = normalization_factor(
-            model, mode=self.mode, p=self.p, reference_inputs=self._reference(model), log=True
+            model,
+            mode=self.resolved_mode,
+            p=self.p,
+            reference_inputs=self._reference(model),
+            log=True,
         )
         return log_rho.double().cpu()
 
@@ -120,16 +157,17 @@ class NormalizedLoss(ProbeCallback):
     train loss and accuracy with their ``gap``. The normalized train loss needs no
     held-out data, which makes it a candidate signal for early stopping::
 
-        EarlyStopping(monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=3)
+        EarlyStopping(monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=5)
 
     Its values sit just below ``ln K`` with differences in the 4th decimal (the
-    normalized network's outputs are tiny), so set ``min_delta`` to that scale or use
-    ``scale`` (eq. 6's ``R``) to spread them.
+    normalized network's outputs are tiny), so ``min_delta`` must be of that scale, or
+    ``scale`` (eq. 6's ``R``) must spread them.
 
     Args:
         mode: ``"layerwise"``: rho is the product of the layers' weight norms (BatchNorm
             folded in); ``"output"``: rho is the mean output norm on reference inputs,
-            for residual networks.
+            for residual networks; ``"auto"``: layerwise where that is exact (a chain of
+            layers with homogeneous activations), output otherwise, reported once.
         p: Order of the norm.
         scale: The scale ``R`` the normalized logits are multiplied by.
         num_reference: Train-probe inputs used as references in ``"output"`` mode.
@@ -138,7 +176,7 @@ class NormalizedLoss(ProbeCallback):
 
     def __init__(
         self,
-        mode: Mode = "layerwise",
+        mode: Mode = "auto",
         p: float = 2.0,
         scale: float = 1.0,
         num_reference: int = 8,

@@ -16,10 +16,11 @@ from gapwatch.callbacks._proxy import (
     Proxy,
     Stats,
     mean,
+    require_classes,
     require_train_targets,
 )
 from gapwatch.callbacks.base import ProbeCallback
-from gapwatch.functional._common import check_classifier, check_positive, evaluation
+from gapwatch.functional._common import check_positive, evaluation
 from gapwatch.functional.ablation import (
     AblationResult,
     LayerSplit,
@@ -140,7 +141,7 @@ class AblationProxy(Proxy):
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Pick (or check) the layer and split the model there, before training starts."""
-        check_classifier(num_outputs, "Unit ablation")
+        require_classes(num_outputs, "Unit ablation")
         require_train_targets(probes, "Unit ablation")
         device = next(iter(model.parameters())).device
         if self.layer is None:
@@ -201,7 +202,7 @@ class AblationProxy(Proxy):
             unit="class",
             leave=False,
             delay=PROGRESS_DELAY,
-            disable=context.rank != 0,
+            disable=True if context.rank != 0 else None,  # None: only on a terminal
         )
         per_class = [
             ablation_from_activations(

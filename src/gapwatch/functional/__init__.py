@@ -9,7 +9,11 @@ the model's mode, parameters, ``.grad`` fields and BatchNorm buffers as it found
 from gapwatch.functional.ablation import AblationResult, unit_ablation
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.functional.jacobian import jacobian_norm
-from gapwatch.functional.normalized_loss import normalization_factor, normalized_cross_entropy
+from gapwatch.functional.normalized_loss import (
+    layerwise_obstacle,
+    normalization_factor,
+    normalized_cross_entropy,
+)
 from gapwatch.functional.sensitivity import output_sensitivity, predicted_test_loss, sigma_term
 from gapwatch.functional.transitions import transitions
 
@@ -17,6 +21,7 @@ __all__ = [
     "AblationResult",
     "GapEstimator",
     "jacobian_norm",
+    "layerwise_obstacle",
     "normalization_factor",
     "normalized_cross_entropy",
     "output_sensitivity",

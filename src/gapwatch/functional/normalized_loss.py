@@ -490,3 +490,42 @@ def _normalized_state(
 def _key(module_name: str, attribute: str) -> str:
     """The ``functional_call`` key of a module's parameter or buffer (the root has no prefix)."""
     return f"{module_name}.{attribute}" if module_name else attribute
+
+
+# Layers whose weights scale f but are not factors of rho, or that break homogeneity.
+_NOT_FACTORED = (nn.Embedding, nn.EmbeddingBag, nn.RNNBase, nn.MultiheadAttention)
+
+
+def layerwise_obstacle(model: nn.Module) -> str | None:
+    """Why ``mode="layerwise"`` would not give the normalized network for ``model``.
+
+    The product of layer norms normalizes f exactly (eq. 1) only for a chain of linear,
+    convolutional and BatchNorm layers with positively homogeneous activations between
+    them. Residual or parallel branches, shared weights, embeddings (whose weight scales
+    f but is no factor of rho), recurrent or attention layers and saturating activations
+    each break that; ``mode="output"`` (appendix H) applies to any of them.
+
+    Args:
+        model: The classifier.
+
+    Returns:
+        A sentence naming the obstacle, or ``None`` where layerwise normalization is exact
+        as far as the model's modules and traced graph show.
+    """
+    try:
+        _layers(model)
+    except ValueError as error:
+        return str(error).removesuffix(_OUTPUT_MODE_HINT).strip()
+    found = sorted(
+        {
+            type(m).__name__
+            for m in model.modules()
+            if isinstance(m, _NOT_HOMOGENEOUS + _NOT_FACTORED)
+        }
+    )
+    if found:
+        return (
+            f"{type(model).__name__} contains {', '.join(found)}, which the product of layer "
+            "norms does not factor out of f."
+        )
+    return None

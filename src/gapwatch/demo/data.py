@@ -1,8 +1,9 @@
-"""A complete small setup to try gapwatch on: scikit-learn's bundled digits and a CNN.
+"""The demo's data: scikit-learn's bundled digits, and torchvision data sets on local disk.
 
 Nothing here downloads anything: ``load_digits`` ships inside scikit-learn (install the
-``examples`` extra). The train loader shuffles with its own ``torch.Generator``, the
-case that catches callbacks which draw probes by iterating the loader.
+``examples`` extra), and the torchvision sets are read from a directory the user names.
+The train loaders shuffle with their own ``torch.Generator``, the case that catches
+callbacks which draw probes by iterating the loader.
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F  # noqa: N812
-from lightning.pytorch import LightningDataModule, LightningModule
-from torch import Tensor, nn
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 
@@ -202,201 +202,3 @@ def _local_cifar10() -> type:
             return Path(self.root) / self.base_folder
 
     return LocalCIFAR10
-
-
-def digits_cnn(
-    width: int = 16,
-    *,
-    in_channels: int = 1,
-    image_size: int = 8,
-    batch_norm: bool = True,
-    dropout: float = 0.25,
-) -> nn.Module:
-    """A small ReLU CNN for square images, ``[N, 1, 8, 8]`` digits by default.
-
-    Its last hidden layer, the one unit ablation picks, is module ``"5"``.
-    """
-
-    def norm(channels: int) -> nn.Module:
-        return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
-
-    return nn.Sequential(
-        nn.Conv2d(in_channels, width, 3, padding=1),
-        norm(width),
-        nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1),
-        norm(2 * width),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Dropout(dropout),
-        nn.Linear(2 * width * (image_size // 2) ** 2, 10),
-    )
-
-
-def digits_mlp(
-    width: int = 64, depth: int = 2, init_scale: float = 1.0, *, in_features: int = 64
-) -> nn.Module:
-    """A ReLU MLP for flattened images; ``init_scale`` multiplies every initial weight."""
-    layers: list[nn.Module] = [nn.Flatten()]
-    d_in = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(d_in, width), nn.ReLU()]
-        d_in = width
-    layers.append(nn.Linear(d_in, 10))
-    model = nn.Sequential(*layers)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.mul_(init_scale)
-    return model
-
-
-class DigitsClassifier(LightningModule):
-    """Cross-entropy training of a digits model with SGD and momentum.
-
-    Args:
-        arch: ``"cnn"`` (BatchNorm, Dropout) or ``"mlp"``.
-        width: Channels (CNN) or hidden units (MLP).
-        in_channels: Image channels (1 for digits and MNIST, 3 for CIFAR-10).
-        image_size: Image height and width (8 for digits).
-        lr: SGD learning rate.
-        momentum: SGD momentum.
-        weight_decay: L2 penalty.
-    """
-
-    def __init__(
-        self,
-        arch: Literal["cnn", "mlp"] = "cnn",
-        width: int = 16,
-        in_channels: int = 1,
-        image_size: int = 8,
-        lr: float = 0.05,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        if arch == "cnn":
-            self.net = digits_cnn(width, in_channels=in_channels, image_size=image_size)
-        else:
-            self.net = digits_mlp(width, in_features=in_channels * image_size**2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Logits ``[N, 10]``."""
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        """One cross-entropy step."""
-        x, y = batch
-        loss = F.cross_entropy(self(x), y)
-        self.log("train_loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        """Held-out loss and accuracy."""
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", F.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
-
-    def configure_optimizers(self) -> Any:
-        """SGD with momentum."""
-        return torch.optim.SGD(
-            self.parameters(),
-            lr=self.hparams["lr"],
-            momentum=self.hparams["momentum"],
-            weight_decay=self.hparams["weight_decay"],
-        )
-
-
-def format_table(history: list[dict[str, float]], names: list[str]) -> str:
-    """A markdown table of ``names`` (columns) at every evaluation in ``history`` (rows)."""
-    header = "| step | " + " | ".join(names) + " |"
-    rule = "|---:|" + "---:|" * len(names)
-    rows = [
-        f"| {int(row['step'])} | "
-        + " | ".join(f"{row[n]:.4g}" if n in row else "" for n in names)
-        + " |"
-        for row in history
-    ]
-    return "\n".join([header, rule, *rows])
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Train a CNN on digits with the full gapwatch suite; write logs and a report."""
-    import argparse
-
-    from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.callbacks import EarlyStopping
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    from gapwatch import GeneralizationMonitor
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument(
-        "--data", choices=["digits", *VISION_DATASETS], default="digits", help="data set"
-    )
-    parser.add_argument("--data-dir", help="local directory of a torchvision data set")
-    parser.add_argument("--train-size", type=int, help="use only this many training samples")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--arch", choices=["cnn", "mlp"], default="cnn")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--label-noise", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--accelerator", default="auto", help="cpu, gpu, auto, ...")
-    parser.add_argument("--logdir", type=Path, default=Path("gapwatch_runs"))
-    parser.add_argument("--patience", type=int, default=5)
-    args = parser.parse_args(argv)
-
-    seed_everything(args.seed, verbose=False)
-    data: LightningDataModule
-    if args.data == "digits":
-        data, shape = DigitsDataModule(label_noise=args.label_noise, seed=args.seed), (1, 8)
-    else:
-        if args.data_dir is None:
-            parser.error(f"--data {args.data} needs --data-dir (gapwatch never downloads)")
-        vision = VisionDataModule(
-            args.data, args.data_dir, label_noise=args.label_noise, seed=args.seed,
-            train_size=args.train_size,
-        )  # fmt: skip
-        data, shape = vision, (vision.in_channels, vision.image_size)
-    model = DigitsClassifier(
-        arch=args.arch, width=args.width, in_channels=shape[0], image_size=shape[1]
-    )
-    monitor = GeneralizationMonitor(transitions=True, max_images=16)
-    stopper = EarlyStopping(
-        monitor="gapwatch/normalized_train_loss", min_delta=1e-6, patience=args.patience
-    )
-    logger = TensorBoardLogger(args.logdir, name=args.data)
-    trainer = Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        logger=logger,
-        callbacks=[monitor, stopper],
-        enable_checkpointing=False,
-        log_every_n_steps=10,
-    )
-    trainer.fit(model, datamodule=data)
-    if not trainer.is_global_zero:
-        return
-    names = [
-        "test_loss", "test_acc", "train_acc", "gap", "sensitivity", "predicted_test_loss",
-        "predicted_test_loss_bias", "bias_fraction", "jacobian_norm",
-        "normalized_train_loss", "normalized_test_loss", "log_norm_product",
-        "ablation_zeta", "ablation_kappa", "transitions",
-    ]  # fmt: skip
-    table = format_table(monitor.history, names)
-    report = Path(logger.log_dir) / "report.md"
-    stop = f"stopped early at epoch {stopper.stopped_epoch}" if stopper.stopped_epoch else "ran"
-    report.write_text(
-        f"# gapwatch on {args.data} ({args.arch}, width {args.width})\n\n"
-        f"Training {stop} after {trainer.current_epoch} epochs.\n\n{table}\n"
-    )
-    print(f"\n{table}\n")
-    print(f"TensorBoard logs: {logger.log_dir}")
-    print(f"Report:           {report}")
-    print(f"Open them with:   tensorboard --logdir {args.logdir}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,5 @@
+"""``python -m gapwatch.demo``: the main job."""
+
+from gapwatch.demo.main import main
+
+main()
