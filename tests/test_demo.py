@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from gapwatch.demo import DigitsDataModule, VisionDataModule, main
 
@@ -98,10 +100,35 @@ def test_digits_split_is_disjoint_and_standardized():
 def test_main_job_on_digits_writes_logs_and_report(tmp_path, capsys):
     main(["--epochs", "2", "--logdir", str(tmp_path), "--accelerator", "cpu"])
     out = capsys.readouterr().out
-    report = next(tmp_path.rglob("report.md"))
-    assert "| step |" in report.read_text()
+    report = next(tmp_path.rglob("report.md")).read_text()
+    assert "| step |" in report
+    assert "Training ran all 2 of 2 epochs; EarlyStopping did not stop it." in report
     assert f"tensorboard --logdir {tmp_path}" in out
-    assert list(tmp_path.rglob("events.out.tfevents.*"))
+    assert f"gapwatch report {tmp_path}" in out
+    # Piped output as a log file holds it: no carriage returns, nothing over 100 columns.
+    assert "\r" not in out
+    table = out[out.index("step   ") : out.index("TensorBoard logs:")]
+    assert max(map(len, table.splitlines())) <= 100
+    # TensorBoard's HParams tab shows a run's first hparams entry: it must be gapwatch's.
+    [events] = list(tmp_path.rglob("events.out.tfevents.*"))
+    accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    start = HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["gapwatch/probe_size"].number_value == 512
+    experiment = HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {info.name.tag for info in experiment.metric_infos}
+    assert "gapwatch/test_loss" in metrics
+    assert "hp_metric" not in metrics
+
+
+def test_stopping_reason_names_the_callback_metric_and_epochs(tmp_path, capsys):
+    main(["--epochs", "20", "--patience", "1", "--logdir", str(tmp_path), "--accelerator", "cpu"])
+    report = next(tmp_path.rglob("report.md")).read_text()
+    reason = report.splitlines()[2]
+    assert reason.startswith("EarlyStopping on `gapwatch/normalized_train_loss` (min_delta 1e-05,")
+    assert "patience 1) stopped training after epoch" in reason
+    assert "of at most 20." in reason
 
 
 def test_main_job_on_local_mnist(tmp_path, capsys):

@@ -205,3 +205,14 @@ def test_figures_every_n_evaluations(tmp_path, every):
 def test_negative_figures_every_n_evaluations_is_rejected():
     with pytest.raises(ValueError, match="0: no figures"):
         GeneralizationMonitor(figures_every_n_evaluations=-1)
+
+
+def test_a_logger_that_writes_the_placeholder_gets_one_warning_naming_the_fix(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")  # default_hp_metric=True
+    monitor = GeneralizationMonitor(probe_size=32, ablation=False, figures_every_n_evaluations=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, [monitor], logger=logger, max_epochs=1, limit_train_batches=2)
+    [warning] = own_warnings(caught)
+    assert "placeholder hparams entry" in warning
+    assert "TensorBoardLogger(..., default_hp_metric=False)" in warning
