@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -47,12 +49,17 @@ def test_unit_ablation_default_layer_is_reported_once(tmp_path, caplog):
     assert sum("unit ablation uses layer 'net.5'" in r.message for r in caplog.records) == 1
 
 
-def test_unit_ablation_shows_progress_when_it_takes_long(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("terminal", [True, False])
+def test_unit_ablation_shows_progress_on_a_terminal_when_it_takes_long(
+    tmp_path, monkeypatch, capsys, terminal
+):
     from gapwatch.callbacks import unit_ablation as module
 
     monkeypatch.setattr(module, "PROGRESS_DELAY", 0.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal)
     fit(tmp_path, [UnitAblation(probe_size=64, max_classes=3)], max_epochs=1)
-    assert "gapwatch: unit ablation" in capsys.readouterr().err
+    # A bar redrawn in place is noise in a log file: only a terminal gets one.
+    assert ("gapwatch: unit ablation" in capsys.readouterr().err) == terminal
 
 
 class _SwapHead(Callback):
