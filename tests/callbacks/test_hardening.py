@@ -786,3 +786,31 @@ def test_interrupted_run_leaves_no_hook_mode_or_gradient_behind(tmp_path, where,
         assert trainer.global_step == 0
         assert all(p.grad is None for p in model.parameters())
         assert torch.equal(torch.get_rng_state(), snapshot.rng)
+
+
+class _DrawingTripwire(_Tripwire):
+    """A tripwire that also draws from the global RNG on every forward pass in eval mode."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(x, Tensor) and not self.training:
+            torch.rand(1)
+        return super().forward(x)
+
+
+@pytest.mark.usefixtures("restore_sigint")
+@pytest.mark.parametrize(
+    ("error", "raised"),
+    [(KeyboardInterrupt(), SystemExit), (RuntimeError("boom"), RuntimeError)],
+    ids=["KeyboardInterrupt", "RuntimeError"],
+)
+def test_an_evaluation_interrupted_after_drawing_restores_the_global_rng(tmp_path, error, raised):
+    # Lightning's isolate_rng restores the streams only when its block ends normally.
+    seed_everything(0, verbose=False)
+    model = DigitsClassifier(width=8)
+    model.net[2] = _DrawingTripwire("jacobian", error)
+    snapshot = _Snapshot()
+    trainer = make_trainer(tmp_path, callbacks=[snapshot, _suite()], max_epochs=1)
+    with pytest.raises(raised):
+        trainer.fit(model, datamodule=DigitsDataModule())
+    assert model.net[2].seen == 1  # it drew, then raised, inside the step-0 evaluation
+    assert torch.equal(torch.get_rng_state(), snapshot.rng)

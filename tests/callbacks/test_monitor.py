@@ -107,7 +107,7 @@ def test_proxies_that_are_not_offered_a_pass_run_their_own(tmp_path):
 
     options = {"probe_size": 64, "heldout": "none", "figures_every_n_evaluations": 0}
     (suite,) = run([GeneralizationMonitor(sensitivity=False, normalized_loss=False, **options)])
-    alone = run([JacobianNorm(**options), UnitAblation(**options)])
+    alone = run([JacobianNorm(**options), UnitAblation(**options, prefix="ablation/")])
     for name, source in [("jacobian_norm", alone[0]), ("ablation_zeta", alone[1])]:
         for mine, theirs in zip(suite, source, strict=True):
             assert mine[name] == pytest.approx(theirs[name], rel=1e-6), name

@@ -1,25 +1,16 @@
-"""Fixed probe sets: drawn once from the datasets, never from the training iterator.
+"""Fixed probe sets and how a user's batch splits into inputs and targets.
 
-A ``DataLoader`` may carry its own ``torch.Generator``, and ``isolate_rng()`` only saves
-the global streams, so iterating the train loader would shift the shuffle order of
-training. Probes are therefore drawn from ``loader.dataset`` by index, with a private
-generator, and collated with the loader's own ``collate_fn`` so that a probe batch has
-exactly the structure the user's ``training_step`` sees.
+How a probe is drawn from a loader is in :mod:`gapwatch.callbacks._drawing`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
-from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.data.dataloader import default_collate
 
 SplitBatch = Callable[[Any], tuple[Tensor, Tensor | None]]
 Role = Literal["heldout", "train"]
@@ -105,61 +96,7 @@ def _unsupported(batch: Any, input_key: str) -> TypeError:
     )
 
 
-def draw_probe(
-    loader: DataLoader,
-    size: int,
-    *,
-    seed: int,
-    split: SplitBatch,
-    role: str,
-) -> Probe:
-    """Draw ``size`` samples (all of them if fewer) from ``loader.dataset``.
-
-    Args:
-        loader: Where the samples come from; only its dataset and ``collate_fn`` are used.
-        size: How many samples to draw.
-        seed: Seed of the private generator that picks the indices.
-        split: Turns a collated batch into ``(inputs, targets)``.
-        role: ``"train"`` or ``"held-out"``, for messages.
-
-    Returns:
-        The probe on the CPU, with targets ``[N]``.
-
-    Raises:
-        ValueError: If the dataset is empty or the targets are not one per sample.
-    """
-    dataset = loader.dataset
-    collate = loader.collate_fn or default_collate
-    # Dataset transforms (augmentation) may draw from the global RNGs: keep training's
-    # streams exactly where they were.
-    with isolate_rng():
-        if isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
-            rank_zero_warn(
-                f"The {role} dataset is iterable; gapwatch takes its first {size} samples "
-                "as the probe instead of a random subset."
-            )
-            items = list(islice(iter(dataset), size))
-        else:
-            total = len(dataset)  # type: ignore[arg-type]
-            if size > total:
-                rank_zero_warn(
-                    f"`probe_size={size}` is larger than the {role} dataset ({total} "
-                    f"samples); gapwatch uses all {total}."
-                )
-            generator = torch.Generator().manual_seed(seed)
-            order = torch.randperm(total, generator=generator)[:size].tolist()
-            items = [dataset[i] for i in order]
-        if not items:
-            raise ValueError(f"The {role} dataset is empty; gapwatch needs samples to probe.")
-        batch = collate(items)
-        inputs, targets = split(batch)
-    keys = tuple(map(str, batch)) if isinstance(batch, Mapping) else None
-    if targets is not None:
-        targets = _one_per_sample(targets.detach(), len(inputs), role)
-    return Probe(inputs.detach().float().clone(), targets, keys)
-
-
-def _one_per_sample(targets: Tensor, num_samples: int, role: str) -> Tensor:
+def one_per_sample(targets: Tensor, num_samples: int, role: str) -> Tensor:
     """Targets as ``[N]``: a ``[N, 1]`` regression column is flattened, other shapes refused.
 
     A ``[N, 1]`` target against a ``[N]`` output would broadcast to ``[N, N]`` and give a

@@ -43,6 +43,21 @@ def require_classes(num_outputs: int, what: str) -> None:
         )
 
 
+def require_float_inputs(probes: Probes, what: str, switch: str) -> None:
+    """Raise, naming the switch, if a proxy that perturbs inputs meets integer inputs.
+
+    Token ids and raw image bytes have no Gaussian neighbourhood: the perturbation must
+    act after the model has embedded or converted them.
+    """
+    dtype = probes.unlabeled.inputs.dtype
+    if not dtype.is_floating_point:
+        raise NotApplicableError(
+            f"{what} perturbs the inputs, but they are {dtype} (token ids or raw image bytes), "
+            f"which cannot be perturbed in place; turn it off ({switch}) or feed floating-point "
+            "inputs."
+        )
+
+
 def require_train_targets(probes: Probes, what: str) -> None:
     """Raise, naming the fix, if a proxy that needs labels meets unlabelled train batches."""
     if probes.train.targets is not None:

@@ -16,44 +16,33 @@ the suite with one member. An evaluation:
    (:mod:`gapwatch.tensorboard`); at fit end it adds an hparams entry there, and a short
    table of the final proxies and their correlations is printed.
 
-Evaluations run once before the first optimizer step (step 0) and on the last training
-batch of every ``every_n_epochs``-th epoch: that is after the epoch's final optimizer step
-but before validation and before any ``on_train_epoch_end``, so EarlyStopping finds the
-metric in both of its check modes.
+Evaluations run once before the first optimizer step (step 0), on the last training
+batch of every ``every_n_epochs``-th epoch (after the epoch's final optimizer step, before
+validation and before any ``on_train_epoch_end``), and wherever a callback that monitors
+a gapwatch metric reads it (:mod:`gapwatch.callbacks._schedule`), so that it never sees a
+stale value. Probe sets are set up in :mod:`gapwatch.callbacks._setup`.
 """
 
 from __future__ import annotations
 
 import math
 import textwrap
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from gapwatch.callbacks._probes import Probe, Probes, Role, draw_probe, split_batch
-from gapwatch.callbacks._proxy import (
-    Context,
-    LossProxy,
-    NotApplicableError,
-    Outputs,
-    Proxy,
-    Stats,
-)
-from gapwatch.functional._common import (
-    as_outputs,
-    check_choice,
-    check_float32_model,
-    check_positive,
-    evaluation,
-    forward_chunks,
-)
+from gapwatch.callbacks import _setup
+from gapwatch.callbacks._distributed import gather_shards, reduce_stats
+from gapwatch.callbacks._drawing import BatchCollector, is_stream, read_stream
+from gapwatch.callbacks._probes import Probe, Probes, Role, split_batch
+from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
+from gapwatch.callbacks._rng import isolated_rng
+from gapwatch.callbacks._schedule import Checks
+from gapwatch.functional._common import check_choice, check_positive, evaluation, forward_chunks
 from gapwatch.tensorboard import (
     Visuals,
     correlations,
@@ -63,6 +52,7 @@ from gapwatch.tensorboard import (
 )
 
 HeldOut = Literal["val", "test", "none"]
+TrainStream = Literal["batches", "reread"]
 
 
 class ProbeCallback(Callback):
@@ -88,6 +78,12 @@ class ProbeCallback(Callback):
             (e.g. ``"net"``); by default the LightningModule itself.
         seed: Seeds the probe draw and every random draw of the proxies. The same seed
             is reused at each evaluation, so curves move with the model, not the noise.
+        train_stream: How the train probe is taken when the train data is an
+            ``IterableDataset``, which has no indices to draw from: ``"batches"`` keeps the
+            first ``probe_size`` samples training receives (nothing is read twice; the
+            first evaluation comes once they are in, so there is no step 0), ``"reread"``
+            reads the data set again from its start (only for streams that start again
+            when iterated anew, such as files; gives step 0).
         figures_every_n_evaluations: With a ``TensorBoardLogger``, draw the figures at
             every n-th evaluation (each costs some tens of milliseconds); 0 draws none.
     """
@@ -107,6 +103,7 @@ class ProbeCallback(Callback):
         model_attr: str | None = None,
         seed: int = 0,
         figures_every_n_evaluations: int = 1,
+        train_stream: TrainStream = "batches",
     ) -> None:
         super().__init__()
         check_positive("every_n_epochs", every_n_epochs, integer=True)
@@ -120,6 +117,9 @@ class ProbeCallback(Callback):
                 f"got {figures_every_n_evaluations!r}."
             )
         check_choice("heldout", heldout, ("val", "test", "none"))
+        check_choice("train_stream", train_stream, ("batches", "reread"))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"`seed` must be an integer, got {seed!r}.")
         if not isinstance(prefix, str):
             raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
         self.proxies: list[Proxy] = [LossProxy(), *proxies]
@@ -137,6 +137,7 @@ class ProbeCallback(Callback):
         self.model_attr = model_attr
         self.seed = seed
         self.figures_every_n_evaluations = figures_every_n_evaluations
+        self.train_stream = train_stream
         self.last_step: int | None = None
         self.history: list[dict[str, float]] = []
         self._probes: Probes | None = None
@@ -144,6 +145,8 @@ class ProbeCallback(Callback):
         self._visuals: Visuals | None = None
         self._gathers_values = False  # per-sample values go to rank 0 for its histograms
         self._warned_nonfinite = False
+        self._checks = Checks()
+        self._collector: BatchCollector | None = None  # the train probe of a stream
 
     @property
     def state_key(self) -> str:
@@ -190,9 +193,10 @@ class ProbeCallback(Callback):
         if stage == "fit":
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
+            self._collector = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Find the TensorBoard run for the figures, if any (global rank zero only)."""
+        """Find the TensorBoard run for the figures, and where monitors read gapwatch's values."""
         self._visuals = Visuals.of(trainer, self.prefix, self.figures_every_n_evaluations)
         if self._visuals is not None:
             warning = placeholder_warning(self._visuals.logger)
@@ -200,12 +204,38 @@ class ProbeCallback(Callback):
                 rank_zero_warn(warning)
         # Every process takes part in gathering what rank 0 draws.
         self._gathers_values = trainer.world_size > 1 and tensorboard_logger(trainer) is not None
+        self._checks = Checks.of(trainer, self.prefix)
+        if self._checks.readers:
+            rank_zero_info(
+                f"gapwatch also evaluates wherever {', '.join(self._checks.readers)} reads its "
+                "value, so that a check never sees the previous one's value again."
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Draw the probes, check every proxy against them, and evaluate at step 0."""
-        if self._probes is None:
-            self._probes = self._draw_probes(trainer, pl_module)
-        if self.last_step is None and self._step(trainer) == 0:
+        if self._probes is not None or self._collector is not None:
+            return
+        loader = _setup.train_loader(trainer)
+        if not is_stream(loader):
+            train = _setup.draw_train(loader, self.probe_size, self.seed, self.split_batch)
+        elif self.train_stream == "reread":
+            train = read_stream(loader, self.probe_size, split=self.split_batch, role="train")
+        else:
+            if trainer.world_size > 1:
+                raise ValueError(
+                    "The train data is an IterableDataset and `train_stream='batches'` takes "
+                    "the train probe from the batches training receives, which differ between "
+                    "processes. Under data parallelism use `train_stream='reread'` (for a "
+                    "stream that starts again when iterated anew)."
+                )
+            self._collector = BatchCollector(self.probe_size, self.split_batch)
+            rank_zero_info(
+                "gapwatch: the train data is a stream; its train probe is the first "
+                f"{self.probe_size} samples training receives, and evaluations start then."
+            )
+            return
+        self._prepare(trainer, pl_module, train)
+        if self.last_step is None and _step(trainer) == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(
@@ -216,17 +246,33 @@ class ProbeCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Evaluate on the epoch's last batch (every n epochs) or every n steps."""
+        """Evaluate on the last batch of every n-th epoch (or for a monitor), every n steps."""
+        if self._collector is not None:
+            self._collector.add(batch)
+            if self._collector.full:
+                train, self._collector = self._collector.probe(), None
+                self._prepare(trainer, pl_module, train)
+                self._evaluate(trainer, pl_module)
+            return
+        checks = self._checks
         last_batch = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        epoch_due = last_batch and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        n_steps = self.every_n_train_steps
-        steps_due = n_steps is not None and trainer.global_step % n_steps == 0
-        if epoch_due or steps_due:
+        epoch_due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        steps = [n for n in (self.every_n_train_steps, *checks.every_n_train_steps) if n]
+        if (
+            (last_batch and (epoch_due or checks.at_train_epoch_end))
+            or any(trainer.global_step % n == 0 for n in steps)
+        ):  # fmt: skip
+            self._evaluate(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Evaluate before a validation whose end a monitor of a gapwatch metric checks at."""
+        if self._checks.at_validation and not trainer.sanity_checking:
             self._evaluate(trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Catch an epoch whose last batch went unnoticed (an iterable loader, say)."""
-        if (trainer.current_epoch + 1) % self.every_n_epochs == 0:
+        epoch_due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
+        if epoch_due or self._checks.at_train_epoch_end:
             self._evaluate(trainer, pl_module)
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -248,79 +294,19 @@ class ProbeCallback(Callback):
 
     # -- internals ---------------------------------------------------------------------
 
-    @staticmethod
-    def _step(trainer: Trainer) -> int:
-        # The step Lightning logs the user's validation metrics at; during the epoch's last
-        # batch it is one behind `global_step`, which counts the step just taken.
-        return trainer.fit_loop.epoch_loop._batches_that_stepped
-
-    def _draw_probes(self, trainer: Trainer, pl_module: LightningModule) -> Probes:
-        train_loader = _first_loader(trainer.train_dataloader, "train")
-        train = self._draw(train_loader, "train")
-        heldout_loader = self._heldout_loader(trainer, pl_module)
-        heldout = None if heldout_loader is None else self._draw(heldout_loader, "held-out")
-        if heldout is None:
-            rank_zero_warn(
-                "gapwatch found no held-out data: held-out metrics (test_loss, test_acc, gap, "
-                "normalized_test_loss) are skipped and label-free proxies use the train probe."
-            )
-        model = self.get_model(pl_module)
-        check_float32_model(model)
-        full = Probes(heldout=heldout, train=train)
-        with isolate_rng():
-            num_outputs = self._num_outputs(model, train)
-            self._active = [p for p in self.proxies if self._set_up(p, model, full, num_outputs)]
-        device = pl_module.device
-        rank, world = trainer.global_rank, trainer.world_size
-        return Probes(
-            heldout=None if heldout is None else heldout.shard(rank, world).to(device),
-            train=train.shard(rank, world).to(device),
+    def _prepare(self, trainer: Trainer, pl_module: LightningModule, train: Probe) -> None:
+        """Draw the held-out probe, set the proxies up, and keep this process's shards."""
+        heldout = _setup.draw_heldout(
+            trainer, pl_module, self.heldout, self.probe_size, self.seed, self.split_batch
         )
-
-    def _set_up(self, proxy: Proxy, model: nn.Module, probes: Probes, num_outputs: int) -> bool:
-        """Set ``proxy`` up; False if it does not apply and this callback skips such proxies."""
-        try:
-            proxy.setup(model, probes, num_outputs)
-        except NotApplicableError as reason:
-            if not self._skips_inapplicable:
-                raise
-            name = type(proxy).__name__.removesuffix("Proxy")
-            rank_zero_info(f"gapwatch: skipping {name}: {str(reason).split(', but ')[0]}.")
-            return False
-        return True
-
-    def _draw(self, loader: DataLoader, role: str) -> Probe:
-        return draw_probe(
-            loader, self.probe_size, seed=self.seed, split=self.split_batch, role=role
+        probes = Probes(heldout=heldout, train=train)
+        self._active = _setup.set_up_proxies(
+            self.proxies,
+            self.get_model(pl_module),
+            probes,
+            skip_inapplicable=self._skips_inapplicable,
         )
-
-    def _heldout_loader(self, trainer: Trainer, pl_module: LightningModule) -> DataLoader | None:
-        if self.heldout == "none":
-            return None
-        if self.heldout == "test":
-            # Lightning sets `datamodule` on the trainer at run time but does not declare it.
-            datamodule = trainer.datamodule  # type: ignore[attr-defined]
-            source = datamodule if datamodule is not None else pl_module
-            try:
-                return _first_loader(source.test_dataloader(), "test")
-            except (AttributeError, NotImplementedError, MisconfigurationException):
-                # Lightning's own `test_dataloader` stub raises MisconfigurationException.
-                raise ValueError(
-                    "`heldout='test'` needs a `test_dataloader()` on the datamodule or the "
-                    "LightningModule; define one or use `heldout='val'`."
-                ) from None
-        if trainer.val_dataloaders is None and trainer.limit_val_batches != 0:
-            # Without a sanity check the validation loaders are only built at the first
-            # validation; build them now (Lightning reuses them later).
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
-        loaders = trainer.val_dataloaders
-        return None if loaders is None else _first_loader(loaders, "validation")
-
-    def _num_outputs(self, model: nn.Module, probe: Probe) -> int:
-        device = next(iter(model.parameters()), probe.inputs).device
-        with evaluation(model), torch.no_grad():
-            logits = as_outputs(model(probe.inputs[:2].to(device)))
-        return logits.shape[1]
+        self._probes = _setup.shard(probes, trainer, pl_module.device)
 
     def _forward(self, model: nn.Module, probes: Probes, context: Context) -> Outputs:
         heldout = None
@@ -337,7 +323,7 @@ class ProbeCallback(Callback):
         return torch.cat([out for _, _, out in chunks])
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        step = self._step(trainer)
+        step = _step(trainer)
         # One point per step: after the first optimizer step Lightning's step is still 0,
         # which the evaluation before training already holds.
         if self._probes is None or trainer.global_step == self._done_at or step == self.last_step:
@@ -353,11 +339,11 @@ class ProbeCallback(Callback):
             world_size=trainer.world_size,
         )
         stats: list[Stats] = []
-        with isolate_rng(), evaluation(model), torch.no_grad():
+        with isolated_rng(), evaluation(model), torch.no_grad():
             outputs = self._forward(model, self._probes, context)
             for proxy in self._active:
                 stats.append(proxy.statistics(model, self._probes, outputs, context))
-        stats = _reduce(trainer, stats)
+        stats = reduce_stats(trainer, stats)
         metrics: dict[str, float] = {}
         for proxy, proxy_stats in zip(self._active, stats, strict=True):
             metrics |= proxy.finalize(proxy_stats)
@@ -379,7 +365,7 @@ class ProbeCallback(Callback):
             for name in sorted(artifacts):  # the same order on every process
                 value = artifacts[name]
                 if isinstance(value, Tensor):
-                    artifacts[name] = _gather_shards(trainer, value)
+                    artifacts[name] = gather_shards(trainer, value)
         return artifacts
 
     def _settings(self) -> dict[str, Any]:
@@ -412,50 +398,7 @@ class ProbeCallback(Callback):
             rank_zero_info(textwrap.fill(f"gapwatch logs {self.prefix}{{{names}}}", width=100))
 
 
-def _first_loader(loaders: Any, role: str) -> DataLoader:
-    """The single DataLoader behind ``loaders`` (the first one if there are several)."""
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, Sequence) and loaders and isinstance(loaders[0], DataLoader):
-        if len(loaders) > 1:
-            rank_zero_warn(f"gapwatch draws the {role} probe from the first of your loaders.")
-        return loaders[0]
-    raise TypeError(
-        f"gapwatch needs a torch DataLoader for the {role} data, got {type(loaders).__name__}."
-    )
-
-
-def _reduce(trainer: Trainer, stats: list[Stats]) -> list[Stats]:
-    """Sum every statistic over processes in one collective call."""
-    if trainer.world_size == 1:
-        return stats
-    keys = [(i, key) for i, proxy_stats in enumerate(stats) for key in sorted(proxy_stats)]
-    parts = [stats[i][key].double() for i, key in keys]
-    flat = torch.cat([part.flatten() for part in parts]).to(trainer.strategy.root_device)
-    total = trainer.strategy.reduce(flat, reduce_op="sum").cpu()
-    summed: list[Stats] = [{} for _ in stats]
-    for (i, key), part, value in zip(
-        keys, parts, total.split([p.numel() for p in parts]), strict=True
-    ):
-        summed[i][key] = value.reshape(part.shape)
-    return summed
-
-
-def _gather_shards(trainer: Trainer, values: Tensor) -> Tensor:
-    """Per-sample ``values`` of every process's probe shard, back in the probe's order.
-
-    Process ``r`` holds rows ``r::world_size`` of the probe (see ``Probe.shard``), so shard
-    lengths differ by at most one; they are padded to the longest for the collective.
-    """
-    world, device = trainer.world_size, trainer.strategy.root_device
-    length = torch.tensor([values.shape[0]], device=device)
-    lengths = trainer.strategy.all_gather(length).flatten().tolist()
-    padded = values.new_full((max(lengths), *values.shape[1:]), math.nan)
-    padded[: values.shape[0]] = values
-    shards = trainer.strategy.all_gather(padded.to(device)).cpu()
-    merged = values.new_empty((sum(lengths), *values.shape[1:]))
-    for rank, (shard, count) in enumerate(zip(shards, lengths, strict=True)):
-        merged[rank::world] = shard[:count]
-    return merged
+def _step(trainer: Trainer) -> int:
+    # The step Lightning logs the user's validation metrics at; during the epoch's last
+    # batch it is one behind `global_step`, which counts the step just taken.
+    return trainer.fit_loop.epoch_loop._batches_that_stepped

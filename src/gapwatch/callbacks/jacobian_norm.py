@@ -9,7 +9,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes, Role
-from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean, sum_and_count
+from gapwatch.callbacks._proxy import (
+    Context,
+    Outputs,
+    Proxy,
+    Stats,
+    mean,
+    require_float_inputs,
+    sum_and_count,
+)
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_choice, check_positive
 from gapwatch.functional.jacobian import Method, Output, jacobian_norm
@@ -43,7 +51,8 @@ class JacobianProxy(Proxy):
         self._pending: Tensor | None = None  # norms from `run_probe`, for `statistics`
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """The softmax Jacobian needs class scores."""
+        """The inputs must be floating point; the softmax Jacobian needs class scores."""
+        require_float_inputs(probes, "The Jacobian norm", "`jacobian=False` in the suite")
         if self.output == "softmax" and num_outputs < 2 and self._logits_for_regression:
             rank_zero_info("gapwatch: the model has one output; the Jacobian norm is of it.")
             self.output = "logits"

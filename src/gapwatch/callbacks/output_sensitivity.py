@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from gapwatch.callbacks._probes import Probes
-from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean, sum_and_count
+from gapwatch.callbacks._proxy import (
+    Context,
+    Outputs,
+    Proxy,
+    Stats,
+    mean,
+    require_float_inputs,
+    sum_and_count,
+)
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_positive
 from gapwatch.functional.sensitivity import (
@@ -38,7 +46,8 @@ class SensitivityProxy(Proxy):
         self.use_sigma_term = use_sigma_term
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """Remember K; eq. 9 only applies to classifiers."""
+        """Remember K (eq. 9 only applies to classifiers); the inputs must be floating point."""
+        require_float_inputs(probes, "Output sensitivity", "`sensitivity=False` in the suite")
         self.num_classes = num_outputs
 
     def statistics(

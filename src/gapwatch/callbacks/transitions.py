@@ -7,7 +7,15 @@ from typing import Any
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes
-from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean, sum_and_count
+from gapwatch.callbacks._proxy import (
+    Context,
+    Outputs,
+    Proxy,
+    Stats,
+    mean,
+    require_float_inputs,
+    sum_and_count,
+)
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_positive
 from gapwatch.functional.transitions import transitions
@@ -29,6 +37,7 @@ class TransitionsProxy(Proxy):
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Fail now, not mid-training, on non-image inputs or a model without activations."""
+        require_float_inputs(probes, "Transitions", "`transitions=False` in the suite")
         self._count(model, probes.unlabeled.inputs[:1], None)
 
     def statistics(

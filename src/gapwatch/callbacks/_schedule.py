@@ -1,0 +1,54 @@
+"""When to evaluate: step 0, every n epochs or steps, and wherever a monitor reads a value.
+
+``EarlyStopping`` counts a value it has seen before as no improvement, so a gapwatch
+metric it monitors must be fresh at every check: with ``val_check_interval=0.5`` it checks
+twice an epoch, with ``check_val_every_n_epoch=2`` every other epoch, and with
+``every_n_epochs=2`` on gapwatch's side half its checks would find last time's value.
+The schedule therefore adds an evaluation at each point where a callback that monitors a
+gapwatch metric reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+
+
+@dataclass(frozen=True)
+class Checks:
+    """Where callbacks monitoring a gapwatch metric read it during one fit."""
+
+    at_validation: bool = False
+    at_train_epoch_end: bool = False
+    every_n_train_steps: tuple[int, ...] = ()
+    readers: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, trainer: Trainer, prefix: str) -> Checks:
+        """The checks of the trainer's callbacks whose ``monitor`` carries ``prefix``."""
+        validation = epoch_end = False
+        steps: list[int] = []
+        readers: list[str] = []
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
+            monitor = getattr(callback, "monitor", None)
+            if not isinstance(monitor, str) or not monitor.startswith(prefix):
+                continue
+            readers.append(f"{type(callback).__name__}({monitor})")
+            if isinstance(callback, EarlyStopping):
+                on_epoch_end = callback._check_on_train_epoch_end
+                if on_epoch_end is None:  # as EarlyStopping.setup decides it
+                    on_epoch_end = (
+                        trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+                    )
+            elif isinstance(callback, ModelCheckpoint):
+                if callback._every_n_train_steps >= 1:
+                    steps.append(callback._every_n_train_steps)
+                on_epoch_end = callback._should_save_on_train_epoch_end(trainer)
+            else:  # an unknown reader: fresh values at both places it may read
+                validation = True
+                on_epoch_end = True
+            validation |= not on_epoch_end
+            epoch_end |= bool(on_epoch_end)
+        return cls(validation, epoch_end, tuple(steps), tuple(readers))

@@ -1,0 +1,140 @@
+"""Setting a probe callback up for one fit: its probe sets, and the proxies that apply.
+
+Runs once per fit, before the first evaluation, so that every bad configuration fails
+here, naming the fix, and never in the middle of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from gapwatch.callbacks._drawing import (
+    SplitBatch,
+    draw_probe,
+    eligible_indices,
+    is_stream,
+    read_stream,
+)
+from gapwatch.callbacks._loaders import first_loader, test_loader, validation_loader
+from gapwatch.callbacks._probes import Probe, Probes
+from gapwatch.callbacks._proxy import NotApplicableError, Proxy
+from gapwatch.callbacks._rng import isolated_rng
+from gapwatch.functional._common import as_outputs, check_float32_model, evaluation
+
+
+def train_loader(trainer: Trainer) -> DataLoader:
+    """The loader training iterates (the first, if several)."""
+    return first_loader(trainer.train_dataloader, "train")
+
+
+def draw_train(loader: DataLoader, size: int, seed: int, split: SplitBatch) -> Probe:
+    """The train probe of a map-style loader (streams: see ``BatchCollector``)."""
+    probe, _ = draw_probe(loader, size, seed=seed, split=split, role="train")
+    return probe
+
+
+def draw_heldout(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    heldout: str,
+    size: int,
+    seed: int,
+    split: SplitBatch,
+) -> Probe | None:
+    """The held-out probe from the validation or test loader; None without one (warned)."""
+    loader = None
+    if heldout == "test":
+        loader = test_loader(trainer, pl_module)
+    elif heldout == "val":
+        loader = validation_loader(trainer)
+    if loader is None:
+        rank_zero_warn(
+            "gapwatch found no held-out data: held-out metrics (test_loss, test_acc, gap, "
+            "normalized_test_loss) are skipped and label-free proxies use the train probe."
+        )
+        return None
+    if is_stream(loader):
+        # Lightning's own validation loop reads a validation stream anew every time.
+        return read_stream(loader, size, split=split, role="held-out")
+    avoid = None
+    train = trainer.train_dataloader
+    if isinstance(train, DataLoader) and train.dataset is loader.dataset and not is_stream(train):
+        avoid = set(eligible_indices(train))
+    probe, _ = draw_probe(loader, size, seed=seed, split=split, role="held-out", avoid=avoid)
+    return probe
+
+
+def set_up_proxies(
+    proxies: Sequence[Proxy],
+    model: nn.Module,
+    probes: Probes,
+    *,
+    skip_inapplicable: bool,
+) -> list[Proxy]:
+    """Check the model, set every proxy up on the whole probes; the proxies that apply.
+
+    Args:
+        proxies: The callback's proxies, in order.
+        model: The module that maps inputs to logits.
+        probes: The whole (unsharded) probe sets, on the CPU.
+        skip_inapplicable: Skip, with one info line, a proxy that does not apply to this
+            model or data (``GeneralizationMonitor``); otherwise its error stops the fit.
+
+    Returns:
+        The proxies set up, in order.
+    """
+    check_float32_model(model)
+    with isolated_rng():
+        num_outputs = _num_outputs(model, probes.train)
+        active = []
+        for proxy in proxies:
+            try:
+                proxy.setup(model, probes, num_outputs)
+            except NotApplicableError as reason:
+                if not skip_inapplicable:
+                    raise
+                name = type(proxy).__name__.removesuffix("Proxy")
+                rank_zero_info(f"gapwatch: skipping {name}: {str(reason).split(', but ')[0]}.")
+                continue
+            active.append(proxy)
+    return active
+
+
+def shard(probes: Probes, trainer: Trainer, device: torch.device) -> Probes:
+    """This process's rows of each probe, on ``device``."""
+    rank, world = trainer.global_rank, trainer.world_size
+    heldout = probes.heldout
+    return Probes(
+        heldout=None if heldout is None else heldout.shard(rank, world).to(device),
+        train=probes.train.shard(rank, world).to(device),
+    )
+
+
+def _num_outputs(model: nn.Module, probe: Probe) -> int:
+    """K, from one pass over two probe inputs; a failing call is reported with the fix."""
+    device = next(iter(model.parameters()), probe.inputs).device
+    inputs = probe.inputs[:2].to(device)
+    with evaluation(model), torch.no_grad():
+        outputs = _call(model, inputs)
+    return as_outputs(outputs).shape[1]
+
+
+def _call(model: Callable[..., Any], inputs: Any) -> Any:
+    try:
+        return model(inputs)
+    except TypeError as error:
+        if "positional argument" not in str(error) and "argument" not in str(error):
+            raise
+        raise TypeError(
+            f"gapwatch calls the model with one argument, the inputs `split_batch` returns, "
+            f"and the call failed: {error}. For a model that takes more (a mask, say), "
+            "override the callback's `get_model` to return a module that takes the inputs "
+            "alone, or `split_batch` to return what the model takes."
+        ) from error

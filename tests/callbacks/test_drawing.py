@@ -1,0 +1,276 @@
+"""Probes are what the user's loaders yield: their samplers, streams, transforms and dtypes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import LightningDataModule, seed_everything
+from torch import Tensor, nn
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    IterableDataset,
+    SubsetRandomSampler,
+    TensorDataset,
+)
+
+from gapwatch import GeneralizationMonitor, NormalizedLoss, OutputSensitivity
+from gapwatch.callbacks._drawing import eligible_indices
+from gapwatch.demo import DigitsClassifier, DigitsDataModule
+
+from .conftest import make_trainer
+
+
+def _digits() -> tuple[Tensor, Tensor]:
+    data = DigitsDataModule()
+    data.setup()
+    x = torch.cat([data.train_set.tensors[0], data.val_set.tensors[0]])
+    y = torch.cat([data.train_set.tensors[1], data.val_set.tensors[1]])
+    return x, y
+
+
+class _Recorded(Dataset):
+    """Digits that remember which rows were read, and refuse to read the ``broken`` ones."""
+
+    def __init__(self, broken: frozenset[int] = frozenset()) -> None:
+        self.x, self.y = _digits()
+        self.broken = broken
+        self.reads: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        if index in self.broken:
+            raise OSError(f"cannot read sample {index}")
+        self.reads.append(index)
+        return self.x[index], self.y[index]
+
+
+class _SplitBySampler(LightningDataModule):
+    """One dataset split into train and validation rows by SubsetRandomSampler."""
+
+    def __init__(self, broken: frozenset[int] = frozenset()) -> None:
+        super().__init__()
+        self.dataset = _Recorded(broken)
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(0))
+        self.val_rows = sorted(set(order[:500].tolist()) - broken)
+        self.train_rows = sorted(set(order[500:].tolist()) - broken)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = SubsetRandomSampler(self.train_rows, generator=torch.Generator().manual_seed(1))
+        return DataLoader(self.dataset, batch_size=64, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=256, sampler=SubsetRandomSampler(self.val_rows))
+
+
+def test_heldout_probe_holds_only_the_rows_the_validation_sampler_yields(tmp_path):
+    data = _SplitBySampler()
+    monitor = OutputSensitivity(probe_size=128)
+    seed_everything(0, verbose=False)
+    model = DigitsClassifier(width=8)
+    make_trainer(tmp_path, callbacks=[monitor], max_epochs=1).fit(model, datamodule=data)
+    probes = monitor._probes
+    rows = {tuple(x.flatten().tolist()): i for i, x in enumerate(data.dataset.x)}
+    heldout = {rows[tuple(x.flatten().tolist())] for x in probes.heldout.inputs}
+    train = {rows[tuple(x.flatten().tolist())] for x in probes.train.inputs}
+    assert heldout <= set(data.val_rows)
+    assert train <= set(data.train_rows)
+    # The logged held-out loss is the model's loss on validation rows, at the last step.
+    model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(probes.heldout.inputs), probes.heldout.targets)
+    assert monitor.history[-1]["test_loss"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_rows_the_sampler_skips_are_never_read(tmp_path):
+    broken = frozenset({3, 757, 1200})
+    data = _SplitBySampler(broken)
+    monitor = GeneralizationMonitor(probe_size=600, ablation=False, jacobian=False)
+    trainer = make_trainer(tmp_path, callbacks=[monitor], max_epochs=1, limit_train_batches=2)
+    trainer.fit(DigitsClassifier(width=8), datamodule=data)
+    assert len(monitor.history) == 2
+    assert not broken & set(data.dataset.reads)
+
+
+def test_drawing_leaves_every_sampler_and_generator_of_training_as_it_was():
+    dataset = TensorDataset(torch.arange(100.0)[:, None], torch.zeros(100, dtype=torch.long))
+    loader_generator = torch.Generator().manual_seed(5)
+    shuffled = DataLoader(dataset, batch_size=8, shuffle=True, generator=loader_generator)
+    subset = DataLoader(
+        dataset,
+        batch_size=8,
+        sampler=SubsetRandomSampler(range(0, 100, 2), generator=torch.Generator().manual_seed(6)),
+    )
+    global_state = torch.get_rng_state()
+    for loader in (shuffled, subset):
+        generator = loader.sampler.generator
+        state = generator.get_state()
+        before, twin = copy.deepcopy(loader.sampler), copy.deepcopy(loader.sampler)
+        assert eligible_indices(loader) == sorted(set(iter(twin)))
+        assert torch.equal(generator.get_state(), state), "the sampler's generator moved"
+        assert list(iter(loader.sampler)) == list(iter(before)), "the shuffle order moved"
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_distributed_samplers_are_looked_through():
+    dataset = TensorDataset(torch.arange(10.0)[:, None])
+    rank1 = DataLoader(dataset, batch_size=2, sampler=DistributedSampler(dataset, 3, 1))
+    assert eligible_indices(rank1) == list(range(10))
+
+
+class _ReadOnce(IterableDataset):
+    """A stream that can be read once (a socket, a queue): later iterators are empty."""
+
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.items = list(zip(x, y, strict=True))
+        self.started = False
+
+    def __iter__(self):
+        if self.started:
+            return iter(())
+        self.started = True
+        return iter(self.items)
+
+
+class _Streamed(DigitsDataModule):
+    def train_dataloader(self) -> DataLoader:
+        x, y = self.train_set.tensors
+        return DataLoader(_ReadOnce(x, y), batch_size=64)
+
+
+class _Counting(DigitsClassifier):
+    def __init__(self) -> None:
+        super().__init__(width=8)
+        self.seen = 0
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        self.seen += len(batch[1])
+        return super().training_step(batch, batch_idx)
+
+
+def _stream_fit(tmp_path, callbacks) -> _Counting:
+    seed_everything(0, verbose=False)
+    model = _Counting()
+    make_trainer(tmp_path, callbacks=callbacks, max_epochs=1).fit(model, datamodule=_Streamed())
+    return model
+
+
+def test_a_read_once_stream_is_never_read_behind_trainings_back(tmp_path):
+    monitor = OutputSensitivity(probe_size=100)
+    watched, alone = _stream_fit(tmp_path, [monitor]), _stream_fit(tmp_path, [])
+    assert watched.seen == alone.seen == 1258
+    for a, b in zip(watched.parameters(), alone.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # The train probe is the first 100 samples training received; evaluations start then.
+    data = _Streamed()
+    data.setup()
+    assert torch.equal(monitor._probes.train.inputs, data.train_set.tensors[0][:100])
+    assert [int(h["step"]) for h in monitor.history] == [1, 19]
+
+
+def test_rereading_a_stream_is_opt_in_and_gives_step_zero(tmp_path):
+    monitor = OutputSensitivity(probe_size=100, train_stream="reread")
+    seed_everything(0, verbose=False)
+    model = DigitsClassifier(width=8)
+    data = DigitsDataModule()
+    data.setup()
+    x, y = data.train_set.tensors
+
+    class Restarting(DigitsDataModule):
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(_Restartable(x, y), batch_size=64)
+
+    make_trainer(tmp_path, callbacks=[monitor], max_epochs=1).fit(model, datamodule=Restarting())
+    assert [int(h["step"]) for h in monitor.history] == [0, 19]
+    assert torch.equal(monitor._probes.train.inputs, x[:100])
+
+
+class _Restartable(IterableDataset):
+    def __init__(self, x: Tensor, y: Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __iter__(self):
+        return iter(zip(self.x, self.y, strict=True))
+
+
+class _Bytes(DigitsClassifier):
+    """A classifier on uint8 images that it converts itself, as torchvision transforms do."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.float() / 255.0 * 8.0 - 2.0)
+
+
+class _ByteDigits(DigitsDataModule):
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name in ("train_set", "val_set"):
+            x, y = getattr(self, name).tensors
+            pixels = ((x + 2.0) / 8.0 * 255.0).clamp(0, 255).round().to(torch.uint8)
+            setattr(self, name, TensorDataset(pixels, y))
+
+
+def test_uint8_inputs_keep_their_dtype_and_their_loss(tmp_path, caplog):
+    monitor = GeneralizationMonitor(probe_size=128, ablation=False)
+    seed_everything(0, verbose=False)
+    model = _Bytes(width=8)
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, callbacks=[monitor], max_epochs=1).fit(
+            model, datamodule=_ByteDigits()
+        )
+    probe = monitor._probes.heldout
+    assert probe.inputs.dtype == torch.uint8
+    model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(model(probe.inputs), probe.targets)
+    assert monitor.history[-1]["test_loss"] == pytest.approx(expected.item(), rel=1e-5)
+    skipped = " ".join(r.message for r in caplog.records if "skipping" in r.message)
+    assert "Sensitivity" in skipped
+    assert "Jacobian" in skipped
+
+
+def test_a_perturbing_proxy_on_integer_inputs_fails_at_setup_naming_the_switch(tmp_path):
+    trainer = make_trainer(tmp_path, callbacks=[OutputSensitivity(probe_size=32)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"torch.uint8 .*cannot be perturbed"):
+        trainer.fit(_Bytes(width=8), datamodule=_ByteDigits())
+    assert trainer.global_step == 0
+
+
+class _Tokens(DigitsClassifier):
+    """A bag-of-tokens classifier on int64 ids: the 8x8 digit, quantized, as 64 tokens."""
+
+    def __init__(self) -> None:
+        super().__init__(width=8)
+        self.net = nn.Sequential(nn.Embedding(17, 16), nn.Flatten(), nn.ReLU(), nn.Linear(1024, 10))
+
+
+class _TokenDigits(DigitsDataModule):
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        for name in ("train_set", "val_set"):
+            x, y = getattr(self, name).tensors
+            ids = ((x + 2.0) * 4.0).clamp(0, 16).round().long().flatten(1)
+            setattr(self, name, TensorDataset(ids, y))
+
+
+def test_token_ids_keep_their_dtype_and_normalize_by_the_output(tmp_path, caplog):
+    monitor = NormalizedLoss(probe_size=64)
+    model = _Tokens()
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, callbacks=[monitor], max_epochs=1).fit(
+            model, datamodule=_TokenDigits()
+        )
+    probe = monitor._probes.train
+    assert probe.inputs.dtype == torch.int64
+    assert any("'output' mode" in r.message and "Embedding" in r.message for r in caplog.records)
+    # Appendix H by hand: the logits divided by the mean output norm on 8 reference inputs.
+    model.eval()
+    with torch.no_grad():
+        rho = model(probe.inputs[:8]).norm(dim=1).mean()
+        expected = F.cross_entropy(model(probe.inputs) / rho, probe.targets)
+    assert monitor.history[-1]["normalized_train_loss"] == pytest.approx(expected.item(), rel=1e-4)
