@@ -1,4 +1,8 @@
-"""Helpers for callback tests: a quiet CPU trainer and TensorBoard event files read back."""
+"""Helpers for callback tests: a quiet trainer and TensorBoard event files read back.
+
+The trainer runs on the test device (``pytest --device cuda``: Lightning's ``"cuda"``
+accelerator on that device); a test that passes ``accelerator=`` (DDP on gloo) keeps it.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
+from tests import conftest as shared
+
+
+def device_options() -> dict[str, Any]:
+    """``accelerator`` and ``devices`` that put a Trainer on the test device."""
+    device = shared.DEVICE
+    if device.type == "cuda":
+        return {"accelerator": "cuda", "devices": [device.index or 0]}
+    return {"accelerator": "cpu", "devices": 1}
 
 
 def make_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
-    """A deterministic, quiet CPU trainer; tests override what they check."""
+    """A deterministic, quiet trainer on the test device; tests override what they check."""
     options: dict[str, Any] = {
         "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "devices": 1,
+        **device_options(),
         "max_epochs": 2,
         "deterministic": True,
         "logger": False,
