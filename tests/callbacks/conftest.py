@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -25,6 +25,15 @@ def device_options() -> dict[str, Any]:
     if device.type == "cuda":
         return {"accelerator": "cuda", "devices": [device.index or 0]}
     return {"accelerator": "cpu", "devices": 1}
+
+
+def back_on_device(model: LightningModule) -> LightningModule:
+    """``model`` on the test device again, beside the callbacks' probes.
+
+    Lightning moves the model to the CPU at the end of ``fit``; the probes a callback drew
+    stay where training ran, and a test's own reference pass needs both in one place.
+    """
+    return model.to(shared.DEVICE)
 
 
 def make_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
@@ -59,7 +68,7 @@ def fit(
     model = DigitsClassifier(arch=arch, width=8)
     trainer = make_trainer(tmp_path, callbacks=callbacks, **trainer_options)
     trainer.fit(model, datamodule=data if data is not None else DigitsDataModule(seed=seed))
-    return trainer, model
+    return trainer, back_on_device(model)
 
 
 def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:
