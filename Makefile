@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 LOCK_OPTIONS := --quiet --extra dev --extra vision --extra examples --strip-extras \
 	--allow-unsafe --no-emit-index-url --no-emit-find-links
 
-.PHONY: demo test lint bench lock clean
+.PHONY: demo test lint bench gpu lock clean
 
 $(STAMP): pyproject.toml requirements-dev.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: lint  ## lint and run every test
 
 bench: $(STAMP)  ## speed and memory against naive baselines
 	$(PY) benchmarks/run.py $(ARGS)
+
+gpu:  ## on a CUDA machine: CUDA tests, suite cost and memory, non-interference (<= 8 min)
+	bash benchmarks/gpu.sh $(ARGS)
 
 lock: $(STAMP)  ## regenerate requirements-dev.lock (exact versions of every dependency)
 	$(VENV)/bin/pip-compile $(LOCK_OPTIONS) --output-file requirements-dev.lock \

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,61 @@ def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp
         # The identical-results checks: gapwatch computed what the baselines computed.
         assert row["checks"], row["name"]
         assert all(row["checks"].values()), (row["name"], row["checks"])
+
+
+GPU_SCRIPT = RUNNER.parent / "gpu.py"
+
+
+@pytest.mark.slow
+def test_gpu_script_runs_reduced_on_the_cpu_and_writes_every_section(tmp_path):
+    out = tmp_path / "results" / "gpu.json"
+    # This tree's gapwatch, whatever the interpreter has installed.
+    source = str(RUNNER.parents[1] / "src")
+    path = os.pathsep.join([source, *filter(None, [os.environ.get("PYTHONPATH")])])
+    done = subprocess.run(
+        [sys.executable, str(GPU_SCRIPT), "--device", "cpu", "--reduced", "--out", str(out)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    config = results["config"]
+    assert config["device"] == "cpu"
+    assert config["reduced"] is True
+    assert results["environment"]["torch"]
+
+    timing = results["timing"]
+    assert len(timing["plain_train_epoch_seconds"]) == config["plain_epochs"]
+    assert len(timing["monitored_train_epoch_seconds"]) == config["monitored_epochs"]
+    evaluations = timing["evaluations"]
+    # Step 0, then the end of every monitored epoch.
+    steps = [e["step"] for e in evaluations]
+    assert steps[0] == 0
+    assert steps == sorted(set(steps))
+    assert len(evaluations) == 1 + config["monitored_epochs"]
+    seconds = [e["seconds"] for e in evaluations]
+    assert all(math.isfinite(s) and s > 0 for s in seconds)
+    epoch = timing["plain_train_epoch_seconds"][1]
+    assert timing["suite_fraction_of_epoch"] == pytest.approx(
+        timing["evaluation_seconds_median"] / epoch
+    )
+    assert timing["within_target"] == (timing["suite_fraction_of_epoch"] <= 0.02)
+    expected = {"test_loss", "gap", "sensitivity", "jacobian_norm", "normalized_train_loss"}
+    assert expected | {"ablation_zeta", "ablation_kappa"} <= set(timing["logged"])
+    assert timing["ablation_layer"] == "net.layer4"
+    assert timing["normalization"] == "output"  # "auto" on a residual network
+
+    assert results["memory"]["available"] is False  # CUDA allocator statistics only
+    interference = results["interference"]
+    assert interference["bitwise_identical"] is True
+    assert interference["differing"] == []
+    assert interference["evaluations_with_suite"] >= 2
+    assert interference["tensors_compared"] > 100  # every ResNet-18 weight and buffer
+    assert results["early_phase"]["value"] is None
+    assert "schedule" in results["early_phase"]["reason"]
+    assert results["tests"]["ran"] is False
+    assert 0 < results["seconds"] < 600

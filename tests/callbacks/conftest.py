@@ -1,4 +1,8 @@
-"""Helpers for callback tests: a quiet CPU trainer and TensorBoard event files read back."""
+"""Helpers for callback tests: a quiet trainer and TensorBoard event files read back.
+
+The trainer runs on the test device (``pytest --device cuda``: Lightning's ``"cuda"``
+accelerator on that device); a test that passes ``accelerator=`` (DDP on gloo) keeps it.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,36 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import LightningModule, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
+from tests import conftest as shared
+
+
+def device_options() -> dict[str, Any]:
+    """``accelerator`` and ``devices`` that put a Trainer on the test device."""
+    device = shared.DEVICE
+    if device.type == "cuda":
+        return {"accelerator": "cuda", "devices": [device.index or 0]}
+    return {"accelerator": "cpu", "devices": 1}
+
+
+def back_on_device(model: LightningModule) -> LightningModule:
+    """``model`` on the test device again, beside the callbacks' probes.
+
+    Lightning moves the model to the CPU at the end of ``fit``; the probes a callback drew
+    stay where training ran, and a test's own reference pass needs both in one place.
+    """
+    return model.to(shared.DEVICE)
 
 
 def make_trainer(tmp_path: Path, **overrides: Any) -> Trainer:
-    """A deterministic, quiet CPU trainer; tests override what they check."""
+    """A deterministic, quiet trainer on the test device; tests override what they check."""
     options: dict[str, Any] = {
         "default_root_dir": tmp_path,
-        "accelerator": "cpu",
-        "devices": 1,
+        **device_options(),
         "max_epochs": 2,
         "deterministic": True,
         "logger": False,
@@ -47,7 +68,7 @@ def fit(
     model = DigitsClassifier(arch=arch, width=8)
     trainer = make_trainer(tmp_path, callbacks=callbacks, **trainer_options)
     trainer.fit(model, datamodule=data if data is not None else DigitsDataModule(seed=seed))
-    return trainer, model
+    return trainer, back_on_device(model)
 
 
 def read_scalars(log_dir: Path) -> dict[str, dict[int, float]]:

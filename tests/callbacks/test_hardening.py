@@ -55,7 +55,7 @@ from gapwatch.functional import (
 )
 from tests.conftest import own_warnings
 
-from .conftest import make_trainer, read_scalars
+from .conftest import back_on_device, make_trainer, read_scalars
 
 # -- models and data that go wrong in one way each -------------------------------------
 
@@ -184,6 +184,7 @@ def _fit(
 ) -> Trainer:
     trainer = make_trainer(tmp_path, callbacks=callbacks, **options)
     trainer.fit(model, datamodule=data if data is not None else DigitsDataModule())
+    back_on_device(model)
     return trainer
 
 

@@ -22,7 +22,7 @@ def test_jacobian_norm_exact(tmp_path):
 
 
 @pytest.mark.parametrize("heldout", ["val", "none"])
-def test_the_jacobian_pass_gives_the_probe_logits_to_the_other_metrics(tmp_path, heldout):
+def test_the_jacobian_pass_gives_the_probe_logits_to_the_other_metrics(tmp_path, heldout, device):
     # The projection's forward pass runs with the graph and hands its logits on: the
     # losses must be what a plain pass gives, on whichever probe the norm is measured.
     callback = JacobianNorm(probe_size=64, heldout=heldout, figures_every_n_evaluations=0)
@@ -36,6 +36,6 @@ def test_the_jacobian_pass_gives_the_probe_logits_to_the_other_metrics(tmp_path,
         with torch.no_grad():
             test_loss = F.cross_entropy(model(probes.heldout.inputs), probes.heldout.targets)
         assert final["test_loss"] == pytest.approx(test_loss.item(), rel=1e-5)
-    generator = torch.Generator().manual_seed(callback.seed)
+    generator = torch.Generator(device=device).manual_seed(callback.seed)  # as the callback's
     expected = jacobian_norm(model, probes.unlabeled.inputs, generator=generator)
     assert final["jacobian_norm"] == pytest.approx(expected.item(), rel=1e-5)

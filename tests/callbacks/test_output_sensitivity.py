@@ -13,7 +13,7 @@ from gapwatch.functional.sensitivity import input_second_moment, softmax_mse
 from .conftest import fit
 
 
-def test_losses_and_sensitivity(tmp_path):
+def test_losses_and_sensitivity(tmp_path, device):
     callback = OutputSensitivity(sigma=0.2, num_draws=3, probe_size=128)
     _, model = fit(tmp_path, [callback], max_epochs=1)
     model.eval()
@@ -25,7 +25,7 @@ def test_losses_and_sensitivity(tmp_path):
     )
     train_acc = (train.argmax(1) == probes.train.targets).float().mean().item()
     assert final["train_acc"] == pytest.approx(train_acc)
-    generator = torch.Generator().manual_seed(callback.seed)
+    generator = torch.Generator(device=device).manual_seed(callback.seed)  # as the callback's
     s = output_sensitivity(
         model, probes.heldout.inputs, sigma=0.2, num_draws=3, generator=generator
     )

@@ -6,6 +6,7 @@ from torch import nn
 from torch.nn.functional import cross_entropy
 
 from gapwatch.functional.jacobian import jacobian_norm
+from tests import conftest
 from tests.conftest import make_cnn, make_mlp
 
 
@@ -15,7 +16,7 @@ def linear_model(k: int = 10, *, scale: float = 1.0) -> nn.Module:
     with torch.no_grad():
         layer.weight.copy_(scale * torch.randn(k, 64, generator=generator) / 8)
         layer.bias.copy_(torch.randn(k, generator=generator))
-    return nn.Sequential(nn.Flatten(), layer)
+    return nn.Sequential(nn.Flatten(), layer).to(conftest.DEVICE)
 
 
 def analytic_linear_norms(model: nn.Module, x: torch.Tensor, output: str) -> torch.Tensor:
@@ -25,7 +26,7 @@ def analytic_linear_norms(model: nn.Module, x: torch.Tensor, output: str) -> tor
     if output == "logits":
         return weight.norm().expand(x.shape[0])
     p = logits.softmax(dim=1)
-    off_diagonal = 1 - torch.eye(p.shape[1], dtype=p.dtype)
+    off_diagonal = 1 - torch.eye(p.shape[1], dtype=p.dtype, device=p.device)
     # diag(p) - p p^T, with 1 - p_k summed over the other classes: no cancellation.
     a = torch.diag_embed(p * (p @ off_diagonal)) - p.unsqueeze(2) * p.unsqueeze(1) * off_diagonal
     return (a @ weight).flatten(1).norm(dim=1)

@@ -79,11 +79,11 @@ def test_matches_naive_loop_on_the_same_noise(cnn, digits, after_softmax):
         assert s > 1e6 * literal
 
 
-def test_linear_model_matches_closed_form(digits):
+def test_linear_model_matches_closed_form(digits, device):
     # f(x) = W x: mean over outputs of W eps has variance sigma^2 ||W^T 1||^2 / K^2.
     x = digits[0][:400]
     torch.manual_seed(1)
-    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10, bias=False))
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10, bias=False)).to(device)
     sigma, num_draws = 0.2, 50
     w = model[1].weight.detach().double()
     exact = sigma**2 * w.sum(0).square().sum() / 10**2
@@ -93,10 +93,10 @@ def test_linear_model_matches_closed_form(digits):
     assert abs(s.double() - exact) < 4 * standard_error
 
 
-def test_eq10_for_deep_relu_nets_with_standard_normal_weights():
+def test_eq10_for_deep_relu_nets_with_standard_normal_weights(device):
     # Eq. 10 averages over networks: S = D/K (H/2)^M sigma^2 for M hidden ReLU layers.
     d_in, width, depth, k, sigma = 16, 32, 2, 4, 0.01
-    x = torch.randn(64, d_in, generator=seeded(1))
+    x = torch.randn(64, d_in, generator=seeded(1)).to(device)
     generator = seeded(2)
     values = []
     for seed in range(200):
@@ -110,6 +110,7 @@ def test_eq10_for_deep_relu_nets_with_standard_normal_weights():
         )
         for layer in net[::2]:
             nn.init.normal_(layer.weight)
+        net.to(device)
         values.append(output_sensitivity(net, x, sigma=sigma, num_draws=8, generator=generator))
     values = torch.stack(values).double()
     predicted = d_in / k * (width / 2) ** depth * sigma**2
@@ -128,10 +129,10 @@ def test_scales_with_the_square_of_the_last_layer(mlp, digits):
     torch.testing.assert_close(after, 9.0 * before, rtol=1e-4, atol=0)
 
 
-def test_regression_output_is_k_equals_one(digits):
+def test_regression_output_is_k_equals_one(digits, device):
     x = digits[0][:300]
     torch.manual_seed(0)
-    column = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+    column = nn.Sequential(nn.Flatten(), nn.Linear(64, 1)).to(device)
     flat = nn.Sequential(column, nn.Flatten(0))  # the same model returning [N]
     s_column = output_sensitivity(column, x, sigma=0.1, num_draws=20, generator=seeded())
     s_flat = output_sensitivity(flat, x, sigma=0.1, num_draws=20, generator=seeded())
@@ -236,7 +237,7 @@ def test_sigma_term_uses_conv_fan_in():
     assert sigma_term(only_conv, 3).item() == pytest.approx(expected, rel=1e-6)
 
 
-def test_sigma_term_is_the_output_variance_due_to_biases():
+def test_sigma_term_is_the_output_variance_due_to_biases(device):
     # At x = 0 a random ReLU net's output is driven by its biases alone. With zero-mean,
     # symmetric weights E[relu(z)^2] = E[z^2] / 2 exactly, so E[f_k(0)^2] = K * Sigma
     # when Sigma uses the population moments; the per-net estimates scatter around it.
@@ -249,7 +250,7 @@ def test_sigma_term_is_the_output_variance_due_to_biases():
                 nn.init.normal_(layer.weight, std=0.3)
                 nn.init.normal_(layer.bias, std=0.5)
         with torch.no_grad():
-            outputs.append(net(torch.zeros(1, 8))[0].double().square().mean())
+            outputs.append(net(torch.zeros(1, 8, device=device))[0].double().square().mean())
         estimates.append(k * sigma_term(net, k).double())
     outputs, estimates = torch.stack(outputs), torch.stack(estimates)
     population = 0.25 * (0.5 * 0.09 * 16) ** 2 + 0.25 * (0.5 * 0.09 * 16) + 0.25

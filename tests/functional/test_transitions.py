@@ -24,7 +24,7 @@ def naive_transitions(model, images, num_points):
             shift, fraction = divmod(i * width, num_points)
             a = torch.roll(x, shift, dims=-1)
             b = torch.roll(x, shift + 1, dims=-1)
-            z = torch.lerp(a, b, torch.tensor(fraction / num_points, dtype=torch.float32))
+            z = torch.lerp(a, b, torch.tensor(fraction / num_points, device=x.device))
             seen.clear()
             with torch.no_grad():
                 model(z.unsqueeze(0))
@@ -68,16 +68,16 @@ def test_matches_naive_reference_on_mlp_with_uneven_sampling(digits):
     "activation", [nn.ReLU(), nn.LeakyReLU(0.1), nn.PReLU(), nn.Tanh(), nn.Sigmoid()]
 )
 @pytest.mark.parametrize("num_points", [6, 48, 53])
-def test_single_unit_flips_once_per_cyclic_change_of_its_pixel(activation, num_points):
+def test_single_unit_flips_once_per_cyclic_change_of_its_pixel(activation, num_points, device):
     # As the image rolls, the unit sees row 2's columns in cyclic order, linearly
     # interpolated: its pre-activation x - 0.3 changes sign exactly once between two
     # neighbouring columns of different binary value, and never otherwise.
     generator = torch.Generator().manual_seed(3)
-    images = torch.randint(0, 2, (20, 1, 4, 6), generator=generator).float()
+    images = torch.randint(0, 2, (20, 1, 4, 6), generator=generator).float().to(device)
     row = images[:, 0, 2]
     expected = (row != row.roll(1, dims=-1)).sum(-1).float()
     assert expected.max() >= 4
-    model = single_pixel_model(activation, bias=-0.3)
+    model = single_pixel_model(activation, bias=-0.3).to(device)
     torch.testing.assert_close(
         transitions(model, images, num_points=num_points, reduction="none"), expected
     )
@@ -94,14 +94,14 @@ def test_single_unit_flips_once_per_cyclic_change_of_its_pixel(activation, num_p
 )
 @pytest.mark.parametrize("num_points", [6, 48])
 def test_three_region_units_count_the_l1_distance_of_region_indices(
-    activation, row, expected, num_points
+    activation, row, expected, num_points, device
 ):
     # With num_points = W neighbouring points are integer shifts, so -1 -> 7 is one jump
     # 0 -> 2 and must count 2, as the dense path crossing both boundaries does.
     images = torch.zeros(1, 1, 4, 6)
     images[0, 0, 2] = torch.tensor(row)
-    model = single_pixel_model(activation, bias=0.0)
-    assert transitions(model, images, num_points=num_points).item() == expected
+    model = single_pixel_model(activation, bias=0.0).to(device)
+    assert transitions(model, images.to(device), num_points=num_points).item() == expected
 
 
 def test_inplace_relu_gives_the_same_count(cnn, digits):

@@ -74,12 +74,18 @@ def _record(
     # the bits are monotone in the pre-activation, the L1 distance between two region
     # indices equals the number of differing bits. A NaN lies in no region: flag its row.
     pre = args[0].flatten(1)
-    codes.append(((pre.unsqueeze(-1) > bounds.to(pre.device)).flatten(1), pre.isnan().any(1)))
+    codes.append(((pre.unsqueeze(-1) > bounds).flatten(1), pre.isnan().any(1)))
+
+
+def _on_device(values: tuple[float, ...], device: torch.device) -> Tensor:
+    # Filled on the device, not copied from the host: a host-to-device copy of pageable
+    # memory blocks the host, and the hook would otherwise make one per unit and chunk.
+    return torch.stack([torch.full((), value, device=device) for value in values])
 
 
 @contextmanager
 def _coding(
-    units: Sequence[tuple[nn.Module, tuple[float, ...]]],
+    units: Sequence[tuple[nn.Module, tuple[float, ...]]], device: torch.device
 ) -> Iterator[list[tuple[Tensor, Tensor]]]:
     """Collect, forward by forward, each unit's ``(region bits, NaN rows)`` into the list."""
     codes: list[tuple[Tensor, Tensor]] = []
@@ -87,7 +93,7 @@ def _coding(
     try:
         for module, bounds in units:
             # A pre-hook sees the pre-activation before an inplace activation overwrites it.
-            hook = partial(_record, codes, torch.tensor(bounds))
+            hook = partial(_record, codes, _on_device(bounds, device))
             handles.append(module.register_forward_pre_hook(hook))
         yield codes
     finally:
@@ -195,9 +201,9 @@ def transitions(
     device = model_device(model, inputs.device)
     stride = num_points + 1  # rows per image: the k loop points, then the start again
     counts = torch.zeros(inputs.shape[0], dtype=torch.long, device=device)
-    undefined = torch.zeros(inputs.shape[0], dtype=torch.bool, device=device)
+    nan_rows = torch.zeros(inputs.shape[0], dtype=torch.long, device=device)
     previous: Tensor | None = None
-    with evaluation(model), torch.no_grad(), _coding(units) as codes:
+    with evaluation(model), torch.no_grad(), _coding(units, device) as codes:
         for rows in chunks(inputs.shape[0] * stride, batch_size):
             row = torch.arange(rows.start, rows.stop, device=device)
             image, step = row // stride, row % stride
@@ -205,7 +211,9 @@ def transitions(
             images = inputs[first : (rows.stop - 1) // stride + 1].to(device, torch.float32)
             model(_loop_points(images, image - first, step, num_points))
             code = torch.cat([bits for bits, _ in codes], dim=1)
-            undefined[image[torch.stack([nan for _, nan in codes]).any(0)]] = True
+            # Counted with index_add_, not set through a boolean mask: a mask index waits
+            # for the GPU to learn how many rows it selects, once per chunk.
+            nan_rows.index_add_(0, image, torch.stack([nan for _, nan in codes]).any(0).long())
             codes.clear()
             # Row i is compared with row i - 1, carried over from the last chunk if need be;
             # the first row of each image has no predecessor on its own loop.
@@ -213,5 +221,5 @@ def transitions(
             changes = (code ^ before).sum(dim=1).masked_fill_(step == 0, 0)
             counts.index_add_(0, image, changes)
             previous = code[-1:]
-    counts = counts.float().masked_fill(undefined, math.nan)
+    counts = counts.float().masked_fill(nan_rows > 0, math.nan)
     return counts.mean() if reduction == "mean" else counts
