@@ -39,6 +39,7 @@ from torch.utils.data import DataLoader
 from gapwatch.callbacks._probes import Probe, Probes, Role, draw_probe, split_batch
 from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     as_outputs,
     check_choice,
     check_float32_model,
@@ -85,7 +86,7 @@ class ProbeCallback(Callback):
         every_n_epochs: int = 1,
         every_n_train_steps: int | None = None,
         probe_size: int = 512,
-        batch_size: int = 128,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         prefix: str = "gapwatch/",
         heldout: HeldOut = "val",
         input_key: str = "x",
