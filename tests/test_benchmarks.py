@@ -38,7 +38,7 @@ def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp
     assert machine["cpu"]
     assert machine["torch"]
 
-    assert sorted({row["case"] for row in rows}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({row["case"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7]
     for row in rows:
         assert row["targets"], row["name"]
         assert set(row["pass"]) == set(row["targets"]) <= set(row["metrics"])
@@ -51,7 +51,7 @@ def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp
 
     # Every functional proxy is measured at its defaults, the CIFAR-shaped exact case too.
     for row in rows:
-        if row["case"] in (2, 3, 4):
+        if row["case"] in (2, 3, 4, 7):
             assert row["setting"].endswith("defaults"), row["setting"]
     exact = [row for row in rows if row["case"] == 3]
     assert any("3x32x32" in row["setting"] for row in exact)

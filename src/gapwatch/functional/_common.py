@@ -19,9 +19,10 @@ from torch import Tensor, nn
 #: on the CPU, not faster: glibc's malloc maps every block over 32 MiB fresh from the
 #: kernel at each allocation, so large chunks pay page faults on every activation (512-row
 #: chunks of a CIFAR ResNet-8 took twice as long as 128-row ones, and an exact Jacobian of
-#: 512 CIFAR-shaped inputs in one chunk 4.7x as long as in chunks of 128). On a GPU 128
-#: rows keep a small network busy, and memory grows with the chunk, not with the probes.
-#: ``batch_size=None`` still means all rows in one chunk.
+#: 512 CIFAR-shaped inputs in one chunk 1.8x as long as in chunks of 128; see
+#: benchmarks/README.md). On a GPU a chunk is then the size of a common training batch, so
+#: the extra memory is about a training step's, and it grows with the chunk, not with the
+#: probes. ``batch_size=None`` still means all rows in one chunk.
 DEFAULT_BATCH_SIZE = 128
 
 
