@@ -180,10 +180,10 @@ def train_steps(
     return model.eval()
 
 
-def conv_net(outputs: int, *, width: int = 8) -> nn.Module:
-    """Two conv-BN-ReLU layers on 1-channel images, average-pooled to 4x4, and a linear head."""
+def conv_net(outputs: int, *, width: int = 8, in_channels: int = 1) -> nn.Module:
+    """Two conv-BN-ReLU layers, average-pooled to 4x4, and a linear head."""
     return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1),
+        nn.Conv2d(in_channels, width, 3, padding=1),
         nn.BatchNorm2d(width),
         nn.ReLU(),
         nn.Conv2d(width, 2 * width, 3, padding=1),

@@ -29,6 +29,7 @@ from typing import Any
 import ablation
 import jacobian
 import memory
+import others
 import sensitivity
 import suite
 import torch
@@ -41,6 +42,7 @@ CASES: dict[int, Callable[[Sizes], list[dict[str, Any]]]] = {
     4: ablation.run,
     5: suite.run,
     6: memory.run,
+    7: others.run,
 }
 
 

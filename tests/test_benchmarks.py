@@ -39,7 +39,7 @@ def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp
     assert machine["cpu"]
     assert machine["torch"]
 
-    assert sorted({row["case"] for row in rows}) == [1, 2, 3, 4, 5, 6]
+    assert sorted({row["case"] for row in rows}) == [1, 2, 3, 4, 5, 6, 7]
     for row in rows:
         assert row["targets"], row["name"]
         assert set(row["pass"]) == set(row["targets"]) <= set(row["metrics"])
@@ -50,6 +50,26 @@ def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp
         assert row["checks"], row["name"]
         assert all(row["checks"].values()), (row["name"], row["checks"])
 
+    # Every functional proxy is measured at its defaults, the CIFAR-shaped exact case too.
+    for row in rows:
+        if row["case"] in (2, 3, 4, 7):
+            assert row["setting"].endswith("defaults"), row["setting"]
+    exact = [row for row in rows if row["case"] == 3]
+    assert any("3x32x32" in row["setting"] for row in exact)
+    # The first evaluation (setup + step 0) beside a regular one, for both networks.
+    suites = [row for row in rows if row["case"] == 5]
+    assert [("digits" in r["setting"], "ResNet" in r["setting"]) for r in suites] == [
+        (True, False),
+        (False, True),
+    ]
+    for row in suites:
+        metrics = row["metrics"]
+        assert {"suite_in_samples", "first_in_samples", "first_vs_regular"} <= set(metrics)
+        assert "first_vs_regular" in row["targets"]
+        setup = ["draw_probes", "AblationProxy.setup", "split_model", "step0_evaluation"]
+        assert all(metrics[f"first.{part}_in_samples"] > 0 for part in setup), metrics
+        # The parts are the total's: what they leave over is a small remainder.
+        assert metrics["first.other_in_samples"] < 0.2 * metrics["first_in_samples"]
 
 GPU_SCRIPT = RUNNER.parent / "gpu.py"
 

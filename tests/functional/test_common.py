@@ -1,8 +1,22 @@
+import importlib
+import inspect
+import pkgutil
+
 import pytest
 import torch
 from torch import nn
 
+from gapwatch.callbacks.base import ProbeCallback
+from gapwatch.functional import (
+    jacobian_norm,
+    normalization_factor,
+    normalized_cross_entropy,
+    output_sensitivity,
+    transitions,
+    unit_ablation,
+)
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     as_outputs,
     check_choice,
     check_inputs,
@@ -92,3 +106,92 @@ def test_fresh_generator_leaves_global_rng_alone():
     assert torch.equal(state, torch.random.get_rng_state())
     with pytest.raises(TypeError, match="Generator"):
         make_generator(0, torch.device("cpu"))
+
+
+# ------------------------------------------------------------ one default chunk size
+
+
+def _functions_with_batch_size():
+    """Every public function and method of gapwatch.functional that takes ``batch_size``."""
+    import gapwatch.functional as functional
+
+    found = {}
+    for info in pkgutil.iter_modules(functional.__path__):
+        if info.name.startswith("_"):  # the plumbing's helpers take a required batch_size
+            continue
+        module = importlib.import_module(f"gapwatch.functional.{info.name}")
+        for name, value in vars(module).items():
+            candidates = [(name, value)]
+            if inspect.isclass(value):
+                candidates = [(f"{name}.{m}", f) for m, f in vars(value).items()]
+            for label, fn in candidates:
+                own = getattr(fn, "__module__", None) == module.__name__
+                if own and callable(fn) and not label.split(".")[-1].startswith("_"):
+                    try:
+                        parameters = inspect.signature(fn).parameters
+                    except (TypeError, ValueError):
+                        continue
+                    if "batch_size" in parameters:
+                        found[label] = parameters["batch_size"].default
+    return found
+
+
+def test_every_functional_proxy_and_the_callbacks_default_to_one_batch_size():
+    defaults = _functions_with_batch_size()
+    expected = {
+        "output_sensitivity", "noise_response", "jacobian_norm", "normalization_factor",
+        "normalized_cross_entropy", "unit_ablation", "ablation_from_activations",
+        "transitions", "LayerSplit.capture", "LayerSplit.run",
+    }  # fmt: skip
+    assert expected <= set(defaults)
+    assert defaults == dict.fromkeys(defaults, DEFAULT_BATCH_SIZE)
+    callback = inspect.signature(ProbeCallback.__init__).parameters["batch_size"]
+    assert callback.default == DEFAULT_BATCH_SIZE == 128
+
+
+def _recorder() -> tuple[nn.Module, list[int]]:
+    """A small ReLU CNN on 1x8x8 images that records the rows of every call of its layers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 3)
+    )
+    rows: list[int] = []
+    for layer in (model[0], model[3]):  # the prefix and the suffix of an ablation at "1"
+        layer.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    return model, rows
+
+
+DEFAULT_CALLS = {
+    "output_sensitivity": lambda m, x, y: output_sensitivity(m, x, generator=_seeded()),
+    "jacobian_projection": lambda m, x, y: jacobian_norm(m, x, generator=_seeded()),
+    "jacobian_exact": lambda m, x, y: jacobian_norm(m, x, method="exact"),
+    "normalized_cross_entropy": lambda m, x, y: normalized_cross_entropy(m, x, y),
+    "normalization_factor_output": lambda m, x, y: normalization_factor(
+        m, mode="output", reference_inputs=x
+    ),
+    "unit_ablation": lambda m, x, y: unit_ablation(m, "1", x, y, num_classes=3),
+    "transitions": lambda m, x, y: transitions(m, x[:4]),
+}
+
+
+def _seeded() -> torch.Generator:
+    return torch.Generator().manual_seed(0)
+
+
+@pytest.mark.parametrize("name", DEFAULT_CALLS)
+def test_functional_proxies_chunk_by_the_default_without_batch_size(name):
+    model, rows = _recorder()
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(300, 1, 8, 8, generator=generator)
+    targets = torch.randint(0, 3, (300,), generator=generator)
+    DEFAULT_CALLS[name](model, inputs, targets)
+    # Chunks of at most 128 rows, not one of all 300 (an ablation chunk holds whole levels
+    # of a class's ~100 samples, so it stays below 128).
+    assert max(rows) <= DEFAULT_BATCH_SIZE
+    assert name == "unit_ablation" or DEFAULT_BATCH_SIZE in rows
+
+
+def test_batch_size_none_still_runs_all_rows_at_once():
+    model, rows = _recorder()
+    jacobian_norm(model, torch.randn(300, 1, 8, 8), method="exact", batch_size=None)
+    assert rows == [300, 300]

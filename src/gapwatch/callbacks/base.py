@@ -42,7 +42,13 @@ from gapwatch.callbacks._probes import Probe, Probes, Role, split_batch
 from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
 from gapwatch.callbacks._rng import isolated_rng
 from gapwatch.callbacks._schedule import Checks
-from gapwatch.functional._common import check_choice, check_positive, evaluation, forward_chunks
+from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
+    check_choice,
+    check_positive,
+    evaluation,
+    forward_chunks,
+)
 from gapwatch.tensorboard import (
     Visuals,
     correlations,
@@ -95,7 +101,7 @@ class ProbeCallback(Callback):
         every_n_epochs: int = 1,
         every_n_train_steps: int | None = None,
         probe_size: int = 512,
-        batch_size: int = 128,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         prefix: str = "gapwatch/",
         heldout: HeldOut = "val",
         input_key: str = "x",

@@ -2,10 +2,13 @@
 
 Every function takes a model mapping a batch of inputs to logits (or a regression
 output), a tensor of inputs and keyword-only options; chunks its work with
-``batch_size``; draws randomness only from the ``generator`` it is given; and leaves
-the model's mode, parameters, ``.grad`` fields and BatchNorm buffers as it found them.
+``batch_size`` (``DEFAULT_BATCH_SIZE`` = 128 rows per forward pass unless given, the
+callbacks' default too; ``None``: all rows at once); draws randomness only from the
+``generator`` it is given; and leaves the model's mode, parameters, ``.grad`` fields and
+BatchNorm buffers as it found them.
 """
 
+from gapwatch.functional._common import DEFAULT_BATCH_SIZE
 from gapwatch.functional.ablation import AblationResult, unit_ablation
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.functional.jacobian import jacobian_norm
@@ -18,6 +21,7 @@ from gapwatch.functional.sensitivity import output_sensitivity, predicted_test_l
 from gapwatch.functional.transitions import transitions
 
 __all__ = [
+    "DEFAULT_BATCH_SIZE",
     "AblationResult",
     "GapEstimator",
     "jacobian_norm",

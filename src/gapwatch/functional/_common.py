@@ -13,6 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+#: Rows per forward pass when a caller gives no ``batch_size``: every functional proxy's
+#: default and the callbacks'. A row is one input, one noisy input, one loop point or one
+#: masked copy, whatever the proxy feeds the model. Chunks of all rows at once are slower
+#: on the CPU, not faster: glibc's malloc maps every block over 32 MiB fresh from the
+#: kernel at each allocation, so large chunks pay page faults on every activation (512-row
+#: chunks of a CIFAR ResNet-8 took twice as long as 128-row ones, and an exact Jacobian of
+#: 512 CIFAR-shaped inputs in one chunk 1.8x as long as in chunks of 128; see
+#: benchmarks/README.md). On a GPU a chunk is then the size of a common training batch, so
+#: the extra memory is about a training step's, and it grows with the chunk, not with the
+#: probes. ``batch_size=None`` still means all rows in one chunk.
+DEFAULT_BATCH_SIZE = 128
+
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     """Raise a ``ValueError`` naming the valid options if ``value`` is not one of them."""

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -100,13 +101,14 @@ class LayerSplit:
     whole: Whole
 
     def capture(
-        self, inputs: Tensor, *, batch_size: int | None = None
+        self, inputs: Tensor, *, batch_size: int | None = DEFAULT_BATCH_SIZE
     ) -> tuple[Tensor, tuple[Tensor, ...]]:
         """Run the prefix over ``inputs`` in chunks, on the model's device, in eval mode.
 
         Args:
             inputs: ``[N, ...]`` inputs on any device.
-            batch_size: Rows per forward call (``None``: all at once).
+            batch_size: Rows per forward call: ``DEFAULT_BATCH_SIZE`` (128) unless given;
+                ``None``: all at once.
 
         Returns:
             ``(activation, live)``: the layer's output ``[N, ...]`` and the live values,
@@ -122,7 +124,11 @@ class LayerSplit:
         return activation, live
 
     def run(
-        self, inputs: Tensor, *, batch_size: int | None = None, keep: Tensor | None = None
+        self,
+        inputs: Tensor,
+        *,
+        batch_size: int | None = DEFAULT_BATCH_SIZE,
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor]:
         """Run the whole model and keep what :meth:`capture` returns, from one pass.
 
@@ -130,7 +136,8 @@ class LayerSplit:
 
         Args:
             inputs: ``[N, ...]`` inputs on any device.
-            batch_size: Rows per forward call (``None``: all at once).
+            batch_size: Rows per forward call: ``DEFAULT_BATCH_SIZE`` (128) unless given;
+                ``None``: all at once.
             keep: ``[N]`` booleans: keep the activation and live values of these rows only
                 (memory then grows with the rows kept, not with ``N``). Default: all.
 
@@ -514,7 +521,7 @@ def ablation_from_activations(
     live: Sequence[Tensor] = (),
     classes: Sequence[int] | Tensor | None = None,
     chance: float | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
 ) -> AblationResult:
     """Cumulative unit ablation (eq. 1) from an already captured layer activation.
 
@@ -542,7 +549,8 @@ def ablation_from_activations(
         classes: Class ids to evaluate (default all); classes without samples are
             skipped with a warning.
         chance: Chance accuracy for eq. 2 (default ``1 / num_classes``).
-        batch_size: Rows per suffix call (``None``: all ``2 (M + 1) N`` rows at once).
+        batch_size: Rows per suffix call: ``DEFAULT_BATCH_SIZE`` (128) unless given;
+            ``None``: all ``2 (M + 1) N`` rows at once.
 
     Returns:
         The :class:`AblationResult`; float32 curves on the activations' device.
@@ -589,7 +597,7 @@ def unit_ablation(
     num_classes: int,
     classes: Sequence[int] | Tensor | None = None,
     chance: float | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     method: SplitMethod = "auto",
 ) -> AblationResult:
     """Cumulative unit ablation of ``layer`` and its sparsity quantities (eqs. 1-6).
@@ -611,7 +619,8 @@ def unit_ablation(
         num_classes: Number of classes ``K``.
         classes: Class ids to evaluate (default all with at least one sample).
         chance: Chance accuracy for eq. 2 (default ``1 / num_classes``).
-        batch_size: Rows per forward call, for the prefix and the suffix passes.
+        batch_size: Rows per forward call, for the prefix and the suffix passes:
+            ``DEFAULT_BATCH_SIZE`` (128) unless given; ``None``: all at once.
         method: How to split the model: ``"auto"``, ``"fx"`` or ``"hook"``.
 
     Returns:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.functional import one_hot
 
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -78,7 +79,7 @@ def jacobian_norm(
     output: Output = "softmax",
     method: Method = "projection",
     num_projections: int = 3,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
     reduction: Reduction = "mean",
     return_outputs: bool = False,
@@ -119,8 +120,9 @@ def jacobian_norm(
         output: ``"softmax"`` (needs K >= 2) or ``"logits"``.
         method: ``"projection"`` (``m`` backward passes) or ``"exact"`` (K of them).
         num_projections: Rows ``m`` drawn per sample by ``"projection"``.
-        batch_size: Most samples per forward pass; ``None`` runs all at once. Memory
-            holds one chunk's graph and one input gradient at a time.
+        batch_size: Most samples per forward pass: ``DEFAULT_BATCH_SIZE`` (128) unless
+            given; ``None`` runs all at once. Memory holds one chunk's graph and one input
+            gradient at a time.
         generator: Source of the draws of ``"projection"``; ``None`` seeds a fresh one
             from the OS. The draws do not depend on ``batch_size``.
         reduction: ``"mean"`` over the samples or ``"none"`` for the per-sample norms.

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -103,7 +104,7 @@ def normalization_factor(
     p: float = 2,
     reference_inputs: Tensor | None = None,
     log: bool = False,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
 ) -> Tensor:
     """The factor ``rho`` with ``f = rho f~`` (Liao-Poggio eq. 1).
 
@@ -131,7 +132,8 @@ def normalization_factor(
         reference_inputs: ``[M, ...]`` inputs; required (and only used) with
             ``mode="output"``.
         log: Return ``log rho`` instead of ``rho``.
-        batch_size: Chunk size of the reference forward pass (``None``: all at once).
+        batch_size: Chunk size of the reference forward pass: ``DEFAULT_BATCH_SIZE`` (128)
+            unless given; ``None``: all at once.
 
     Returns:
         A 0-d float64 tensor on the model's device: ``rho`` (``inf`` only past ``1e308``)
@@ -161,7 +163,7 @@ def normalized_cross_entropy(
     p: float = 2,
     reference_inputs: Tensor | None = None,
     scale: float = 1.0,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     logits: Tensor | None = None,
     log_rho: Tensor | float | None = None,
 ) -> Tensor:
@@ -186,7 +188,8 @@ def normalized_cross_entropy(
         p: Order of the norm: any positive number or ``math.inf``.
         reference_inputs: ``[M, ...]`` inputs defining ``rho`` in output mode.
         scale: The scale ``R > 0`` of eq. 6; the paper's plots use ``R = 1``.
-        batch_size: Chunk size of the forward passes (``None``: all at once).
+        batch_size: Chunk size of the forward passes: ``DEFAULT_BATCH_SIZE`` (128) unless
+            given; ``None``: all at once.
         logits: The model's ``[N, K]`` eval-mode outputs on ``inputs``, if already
             computed, to skip the forward pass.
         log_rho: ``normalization_factor(model, log=True, ...)`` if already computed (with

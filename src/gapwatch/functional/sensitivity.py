@@ -16,6 +16,7 @@ from torch.nn.functional import one_hot, softmax
 from torch.nn.parameter import is_lazy
 
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -41,7 +42,7 @@ def output_sensitivity(
     sigma: float = 0.1,
     after_softmax: bool = False,
     num_draws: int = 1,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
     clean_outputs: Tensor | None = None,
 ) -> Tensor:
@@ -67,7 +68,8 @@ def output_sensitivity(
         sigma: Standard deviation of the input noise, ``sigma_eps_x`` in the paper.
         after_softmax: Use the per-entry variance of softmax outputs (see above).
         num_draws: Independent noise draws per input.
-        batch_size: Most noisy inputs per forward pass; ``None`` runs all at once.
+        batch_size: Most noisy inputs per forward pass: ``DEFAULT_BATCH_SIZE`` (128) unless
+            given; ``None`` runs all at once.
         generator: Source of the noise; ``None`` seeds a fresh one from the OS.
         clean_outputs: ``f(inputs)`` as ``[N, K]`` (or ``[N]``) if the caller already has
             it, e.g. from a shared clean forward pass; the clean pass is then skipped and
@@ -104,7 +106,7 @@ def noise_response(
     sigma: float = 0.1,
     after_softmax: bool = False,
     num_draws: int = 1,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     generator: torch.Generator | None = None,
     clean_outputs: Tensor | None = None,
 ) -> Tensor:

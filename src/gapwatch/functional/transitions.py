@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from gapwatch.functional._common import (
+    DEFAULT_BATCH_SIZE,
     check_batch_size,
     check_choice,
     check_float32_model,
@@ -125,7 +126,7 @@ def transitions(
     inputs: Tensor,
     *,
     num_points: int | None = None,
-    batch_size: int | None = None,
+    batch_size: int | None = DEFAULT_BATCH_SIZE,
     reduction: str = "mean",
 ) -> Tensor:
     """Number of linear-region transitions along a closed loop of translations (Novak eq. 1).
@@ -159,8 +160,8 @@ def transitions(
         inputs: Images ``[N, C, H, W]``, on any device.
         num_points: Points ``k`` on each loop, at least ``W``. Default ``8 W``
             (``POINTS_PER_SHIFT`` per pixel shift, so every integer translation is on it).
-        batch_size: Rows (images x points) per forward pass; ``None`` runs all ``N (k + 1)``
-            at once.
+        batch_size: Rows (images x points) per forward pass: ``DEFAULT_BATCH_SIZE`` (128)
+            unless given; ``None`` runs all ``N (k + 1)`` at once.
         reduction: ``"mean"`` over images, or ``"none"`` for one count per image.
 
     Returns:
