@@ -18,13 +18,13 @@ from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-import gapwatch.callbacks.base as base
+import gapwatch.callbacks._setup as setup
 import gapwatch.callbacks.unit_ablation as unit_ablation
 from gapwatch.callbacks.base import ProbeCallback
 
 #: Module-level callables timed where they are called: (module, name, label).
 _MODULE_PARTS: tuple[tuple[ModuleType, str, str], ...] = (
-    (base, "draw_probe", "draw_probes"),
+    (setup, "draw_probe", "draw_probes"),
     (unit_ablation, "default_layer", "default_layer"),
     (unit_ablation, "split_model", "split_model"),
 )

@@ -47,8 +47,18 @@ def check_batch_size(batch_size: int | None) -> None:
         check_positive("batch_size", batch_size, integer=True)
 
 
-def check_inputs(inputs: Any, *, min_samples: int = 1, name: str = "inputs") -> Tensor:
-    """Validate a batch of inputs: a floating tensor ``[N, ...]`` with ``N >= min_samples``.
+def check_inputs(
+    inputs: Any, *, min_samples: int = 1, name: str = "inputs", floating: bool = True
+) -> Tensor:
+    """Validate a batch of inputs: a tensor ``[N, ...]`` with ``N >= min_samples``.
+
+    Args:
+        inputs: The batch.
+        min_samples: Fewest rows the caller needs.
+        name: The argument's name, for messages.
+        floating: Require floating point: proxies that perturb or differentiate the
+            inputs do; the others also take integer inputs (token ids, uint8 images that
+            the model converts itself) as they are.
 
     Returns:
         The same tensor, for chaining.
@@ -63,7 +73,7 @@ def check_inputs(inputs: Any, *, min_samples: int = 1, name: str = "inputs") -> 
             f"([N, ...]); got shape {tuple(inputs.shape)}. For a single sample use "
             f"`x.unsqueeze(0)`."
         )
-    if not inputs.is_floating_point():
+    if floating and not inputs.is_floating_point():
         raise TypeError(
             f"`{name}` must be a floating-point tensor, got {inputs.dtype}; "
             f"convert it with `.float()`."
@@ -165,12 +175,23 @@ def forward_chunks(
 
     Yields:
         ``(rows, x, outputs)``: the slice of ``inputs``, the chunk on the model's device
-        in float32, and the checked ``[n, K]`` float32 outputs.
+        (see :func:`model_input`), and the checked ``[n, K]`` float32 outputs.
     """
     device = model_device(model, inputs.device)
     for rows in chunks(inputs.shape[0], batch_size):
-        x = inputs[rows].to(device=device, dtype=torch.float32)
+        x = model_input(inputs[rows], device)
         yield rows, x, as_outputs(model(x)).float()
+
+
+def model_input(inputs: Tensor, device: torch.device) -> Tensor:
+    """``inputs`` on ``device``: floating point as float32, the proxies' dtype; others as given.
+
+    Integer inputs keep their dtype: an embedding takes int64 ids, and a model that
+    converts uint8 images itself would compute garbage on their float values.
+    """
+    if inputs.is_floating_point():
+        return inputs.to(device=device, dtype=torch.float32)
+    return inputs.to(device=device)
 
 
 @contextmanager

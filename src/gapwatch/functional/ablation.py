@@ -36,6 +36,7 @@ from gapwatch.functional._common import (
     chunks,
     evaluation,
     model_device,
+    model_input,
 )
 
 Prefix = Callable[[Tensor], tuple[Tensor, tuple[Tensor, ...]]]
@@ -154,14 +155,14 @@ class LayerSplit:
     def _run(
         self, inputs: Tensor, batch_size: int | None, *, whole: bool, keep: Tensor | None = None
     ) -> tuple[Tensor, tuple[Tensor, ...], Tensor | None]:
-        check_inputs(inputs)
+        check_inputs(inputs, floating=False)
         check_float32_model(self.model)
         check_batch_size(batch_size)
         device = model_device(self.model, inputs.device)
         parts, outputs = [], []
         with evaluation(self.model), torch.no_grad():
             for rows in chunks(inputs.shape[0], batch_size):
-                x = inputs[rows].to(device=device, dtype=torch.float32)
+                x = model_input(inputs[rows], device)
                 if whole:
                     activation, live, output = self.whole(x)
                     outputs.append(as_outputs(output).float())
@@ -629,9 +630,9 @@ def unit_ablation(
     Raises:
         ValueError: On an unknown layer (valid paths are listed), a layer output that is
             not 2-D or 4-D, or the cases of :func:`ablation_from_activations`.
-        TypeError: On non-tensor or non-float inputs, or non-integer targets.
+        TypeError: On non-tensor inputs or non-integer targets.
     """
-    check_inputs(inputs)
+    check_inputs(inputs, floating=False)
     check_targets(targets, inputs.shape[0])
     split = split_model(model, layer, method=method, example_inputs=inputs[:2])
     with evaluation(model), torch.no_grad():

@@ -34,6 +34,7 @@ from gapwatch.functional._common import (
     chunks,
     evaluation,
     model_device,
+    model_input,
 )
 
 __all__ = ["normalization_factor", "normalized_cross_entropy"]
@@ -205,7 +206,7 @@ def normalized_cross_entropy(
     """
     _check_options(mode, p, batch_size)
     check_positive("scale", scale)
-    check_targets(targets, check_inputs(inputs).shape[0])
+    check_targets(targets, check_inputs(inputs, floating=False).shape[0])
     check_float32_model(model)
     if logits is not None and (
         not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != inputs.shape[0]
@@ -277,7 +278,7 @@ def _output_log_norm(
             "mode='output' normalizes by the model's output norm on reference inputs: "
             "pass `reference_inputs=` (a few training inputs, the same ones every epoch)."
         )
-    check_inputs(reference_inputs, name="reference_inputs")
+    check_inputs(reference_inputs, name="reference_inputs", floating=False)
     check_float32_model(model)
     with evaluation(model):
         parts = _output_chunks(model, reference_inputs, batch_size)
@@ -295,7 +296,7 @@ def _output_chunks(
     """
     device = model_device(model, inputs.device)
     for rows in chunks(inputs.shape[0], batch_size):
-        outputs = functional_call(model, state or {}, (inputs[rows].to(device, torch.float32),))
+        outputs = functional_call(model, state or {}, (model_input(inputs[rows], device),))
         yield rows, as_outputs(outputs).float()
 
 
