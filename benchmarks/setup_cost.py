@@ -25,6 +25,7 @@ from gapwatch.callbacks.base import ProbeCallback
 #: Module-level callables timed where they are called: (module, name, label).
 _MODULE_PARTS: tuple[tuple[ModuleType, str, str], ...] = (
     (setup, "draw_probe", "draw_probes"),
+    (setup, "_num_outputs", "num_outputs"),
     (unit_ablation, "default_layer", "default_layer"),
     (unit_ablation, "split_model", "split_model"),
 )
@@ -58,7 +59,6 @@ def timed_first_evaluation(callback: ProbeCallback) -> Iterator[dict[str, float]
     labels = {name: label for _, name, label in _MODULE_PARTS}
     for module, name, original in saved:
         setattr(module, name, stopwatch(spent, labels[name], original))
-    callback._num_outputs = stopwatch(spent, "num_outputs", callback._num_outputs)
     for proxy in callback.proxies:
         proxy.setup = stopwatch(spent, f"{type(proxy).__name__}.setup", proxy.setup)
     evaluate, start = callback._evaluate, callback.on_train_start
@@ -77,8 +77,7 @@ def timed_first_evaluation(callback: ProbeCallback) -> Iterator[dict[str, float]
     finally:
         for module, name, original in saved:
             setattr(module, name, original)
-        for attribute in ("_num_outputs", "on_train_start"):
-            vars(callback).pop(attribute, None)
+        vars(callback).pop("on_train_start", None)
         for proxy in callback.proxies:
             vars(proxy).pop("setup", None)
     named = sum(v for k, v in spent.items() if k != "first_evaluation" and k not in NESTED)

@@ -367,13 +367,15 @@ def test_a_model_converted_from_float32_fails_before_the_first_step(tmp_path, pr
 @pytest.mark.parametrize(
     ("make", "fix"),
     [
-        (lambda: GeneralizationMonitor(sigma=-0.1), "`sigma` must be a positive number"),
+        (lambda: GeneralizationMonitor(sigma=-0.1), "`sigma` must be a positive, finite number"),
+        (lambda: OutputSensitivity(sigma=math.inf), "`sigma` must be a positive, finite number"),
+        (lambda: UnitAblation(gap_coefficients=(1, 2, "x")), r"three numbers \(a, b, c\)"),
         (lambda: GeneralizationMonitor(every_n_epochs=-1), "`every_n_epochs`"),
         (lambda: GeneralizationMonitor(jacobian_method="svd"), "'projection', 'exact'"),
         (lambda: JacobianNorm(output="probabilities"), "'softmax', 'logits'"),
         (lambda: NormalizedLoss(mode="spectral"), "'layerwise', 'output'"),
         (lambda: GeneralizationMonitor(normalization="spectral"), "'layerwise', 'output'"),
-        (lambda: NormalizedLoss(p=0), "`p` must be a positive number"),
+        (lambda: NormalizedLoss(p=0), "`p` must be a positive number or math.inf"),
         (lambda: OutputSensitivity(num_draws=0), "`num_draws` must be a positive integer"),
         (lambda: Transitions(num_points=0), "`num_points` must be a positive integer"),
         (lambda: UnitAblation(max_classes=0), "`max_classes` must be a positive integer"),
@@ -383,6 +385,11 @@ def test_a_model_converted_from_float32_fails_before_the_first_step(tmp_path, pr
 def test_bad_arguments_fail_in_init_naming_the_fix(make, fix):
     with pytest.raises(ValueError, match=fix):
         make()
+
+
+def test_a_seed_that_is_not_an_integer_fails_in_init():
+    with pytest.raises(TypeError, match=r"`seed` must be an integer, got 'abc'"):
+        GeneralizationMonitor(seed="abc")
 
 
 def test_the_suite_on_a_regression_model_runs_what_applies(tmp_path, caplog):

@@ -13,16 +13,13 @@ that no probe goes through the model twice for the same logits.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes, Role
-from gapwatch.functional._common import check_targets
 
 
 class NotApplicableError(ValueError):
@@ -158,54 +155,3 @@ def sum_and_count(key: str, values: Tensor) -> Stats:
     """The additive form of a per-sample quantity, in float64."""
     values = values.detach().double()
     return {f"{key}_sum": values.sum(), f"{key}_count": values.new_tensor(values.numel())}
-
-
-class LossProxy(Proxy):
-    """Cross-entropy and accuracy on both probes, and the gap (train minus held-out accuracy).
-
-    Regression models (one output) get the mean squared error as ``*_loss`` and no
-    accuracy or gap.
-    """
-
-    def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """Remember whether the model is a classifier; check the labels of each probe.
-
-        A probe without targets simply has no loss or accuracy: the label-free proxies
-        (sensitivity, Jacobian norm, transitions) still run on it.
-        """
-        self.classifier = num_outputs > 1
-        if self.classifier:
-            for probe in (probes.train, probes.heldout):
-                if probe is not None and probe.targets is not None:
-                    check_targets(probe.targets, len(probe))
-
-    def statistics(
-        self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
-    ) -> Stats:
-        """Per-probe sums of loss and correct predictions."""
-        stats: Stats = {}
-        pairs = [("train", probes.train, outputs.train_logits)]
-        if probes.heldout is not None and outputs.heldout_logits is not None:
-            pairs.append(("test", probes.heldout, outputs.heldout_logits))
-        for role, probe, logits in pairs:
-            targets = probe.targets
-            if targets is None:
-                continue
-            if self.classifier:
-                loss = F.cross_entropy(logits, targets, reduction="none")
-                # argmax would pick a class even from NaN logits: count those as unknown.
-                correct = (logits.argmax(1) == targets).float()
-                correct = correct.masked_fill(logits.isnan().any(1), math.nan)
-                stats |= sum_and_count(f"{role}_acc", correct)
-            else:
-                loss = (logits.squeeze(1) - targets.float()).square()
-            stats |= sum_and_count(f"{role}_loss", loss)
-        return stats
-
-    def finalize(self, stats: Stats) -> dict[str, float]:
-        """Mean loss and accuracy per probe, and the gap when both probes are present."""
-        names = [n.removesuffix("_sum") for n in stats if n.endswith("_sum")]
-        metrics = {name: mean(stats, name) for name in names}
-        if "train_acc" in metrics and "test_acc" in metrics:
-            metrics["gap"] = metrics["train_acc"] - metrics["test_acc"]
-        return metrics

@@ -23,6 +23,7 @@ from gapwatch.callbacks._drawing import (
     read_stream,
 )
 from gapwatch.callbacks._loaders import first_loader, test_loader, validation_loader
+from gapwatch.callbacks._loss import IGNORE_INDEX
 from gapwatch.callbacks._probes import Probe, Probes
 from gapwatch.callbacks._proxy import NotApplicableError, Proxy
 from gapwatch.callbacks._rng import isolated_rng
@@ -105,6 +106,21 @@ def set_up_proxies(
                 continue
             active.append(proxy)
     return active
+
+
+def without_ignored(probe: Probe) -> Probe:
+    """``probe`` without the rows labelled ``-100``, which ``F.cross_entropy`` skips."""
+    targets = probe.targets
+    if targets is None or targets.is_floating_point():
+        return probe
+    keep = targets != IGNORE_INDEX
+    if bool(keep.all()):
+        return probe
+    rank_zero_info(
+        f"gapwatch: {int((~keep).sum())} of {len(probe)} probe samples carry the label "
+        f"{IGNORE_INDEX} and are left out, as F.cross_entropy leaves them out."
+    )
+    return Probe(probe.inputs[keep], targets[keep], probe.batch_keys)
 
 
 def shard(probes: Probes, trainer: Trainer, device: torch.device) -> Probes:

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from gapwatch.callbacks import _setup
 from gapwatch.callbacks._distributed import gather_shards, reduce_stats
 from gapwatch.callbacks._drawing import BatchCollector, is_stream, read_stream
+from gapwatch.callbacks._loss import LossProxy
 from gapwatch.callbacks._probes import Probe, Probes, Role, split_batch
-from gapwatch.callbacks._proxy import Context, LossProxy, Outputs, Proxy, Stats
+from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats
 from gapwatch.callbacks._rng import isolated_rng
 from gapwatch.callbacks._schedule import Checks
 from gapwatch.functional._common import (
@@ -305,7 +306,10 @@ class ProbeCallback(Callback):
         heldout = _setup.draw_heldout(
             trainer, pl_module, self.heldout, self.probe_size, self.seed, self.split_batch
         )
-        probes = Probes(heldout=heldout, train=train)
+        probes = Probes(
+            heldout=None if heldout is None else _setup.without_ignored(heldout),
+            train=_setup.without_ignored(train),
+        )
         self._active = _setup.set_up_proxies(
             self.proxies,
             self.get_model(pl_module),

@@ -61,7 +61,7 @@ class NormalizedLossProxy(Proxy):
         option: str = "mode",
     ) -> None:
         check_choice(option, mode, ("auto", "layerwise", "output"))
-        check_positive("p", p)
+        check_positive("p", p, finite=False)
         check_positive("scale", scale)
         check_positive("num_reference", num_reference, integer=True)
         self.mode = mode

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -127,7 +128,10 @@ class AblationProxy(Proxy):
         gap_coefficients: tuple[float, float, float] | None = None,
     ) -> None:
         check_positive("max_classes", max_classes, integer=True)
-        if gap_coefficients is not None and len(gap_coefficients) != 3:
+        if gap_coefficients is not None and (
+            len(gap_coefficients) != 3
+            or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in gap_coefficients)
+        ):
             raise ValueError(
                 "`gap_coefficients` must be the three numbers (a, b, c) of "
                 f"`gap = a * zeta + b * kappa + c`, got {gap_coefficients!r}."

@@ -6,6 +6,7 @@ leave the model and the global random state exactly as they were found.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -33,11 +34,18 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
         raise ValueError(f"Unknown {name} {value!r}; use one of {options}.")
 
 
-def check_positive(name: str, value: float, *, integer: bool = False) -> None:
-    """Raise a ``ValueError`` unless ``value`` is a positive (integer) number."""
+def check_positive(name: str, value: float, *, integer: bool = False, finite: bool = True) -> None:
+    """Raise a ``ValueError`` unless ``value`` is a positive number (an integer, finite).
+
+    ``finite=False`` admits ``math.inf``, for a norm's order.
+    """
     kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not value > 0:
-        what = "a positive integer" if integer else "a positive number"
+    valid = not isinstance(value, bool) and isinstance(value, kind) and value > 0
+    if not valid or (finite and not math.isfinite(value)):
+        if integer:
+            what = "a positive integer"
+        else:
+            what = "a positive, finite number" if finite else "a positive number or math.inf"
         raise ValueError(f"`{name}` must be {what}, got {value!r}.")
 
 

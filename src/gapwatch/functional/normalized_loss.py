@@ -250,7 +250,7 @@ def _cross_entropy_sum(logits: Tensor, targets: Tensor, log_factor: Tensor) -> T
 
 def _check_options(mode: str, p: float, batch_size: int | None) -> None:
     check_choice("mode", mode, _MODES)
-    check_positive("p", p)
+    check_positive("p", p, finite=False)
     check_batch_size(batch_size)
 
 
