@@ -27,6 +27,12 @@ class Probe:
     inputs: Tensor
     targets: Tensor | None
     batch_keys: tuple[str, ...] | None = None
+    rows: Tensor | None = None  # positions in the whole probe; None: this is the whole
+
+    @property
+    def row_ids(self) -> Tensor:
+        """Each row's position in the whole probe, which keys its random draws."""
+        return torch.arange(len(self)) if self.rows is None else self.rows
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -34,12 +40,13 @@ class Probe:
     def shard(self, rank: int, world_size: int) -> Probe:
         """The rows this process evaluates under data parallelism (strided, so balanced)."""
         targets = None if self.targets is None else self.targets[rank::world_size]
-        return Probe(self.inputs[rank::world_size], targets, self.batch_keys)
+        rows = self.row_ids[rank::world_size]
+        return Probe(self.inputs[rank::world_size], targets, self.batch_keys, rows)
 
     def to(self, device: torch.device) -> Probe:
         """The same probe on ``device``."""
         targets = None if self.targets is None else self.targets.to(device)
-        return Probe(self.inputs.to(device), targets, self.batch_keys)
+        return Probe(self.inputs.to(device), targets, self.batch_keys, self.rows)
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from gapwatch.callbacks._probes import Probes, Role
+from gapwatch.callbacks._probes import Probe, Probes, Role
+from gapwatch.functional._common import RowSeeds
 
 
 class NotApplicableError(ValueError):
@@ -85,6 +86,17 @@ class Context:
     step: int = 0
     rank: int = 0
     world_size: int = 1
+    num_outputs: int = 1
+
+    def draws(self, probe: Probe) -> RowSeeds:
+        """Random streams for the rows of ``probe``, keyed to their place in the whole probe.
+
+        The same at every evaluation (curves move with the model, not the noise), and the
+        same for a row whichever process holds it, so data-parallel values equal a single
+        process's.
+        """
+        base = (self.seed % 2**20) << 26
+        return RowSeeds(base + probe.row_ids)
 
 
 @dataclass

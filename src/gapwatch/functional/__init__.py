@@ -8,7 +8,7 @@ callbacks' default too; ``None``: all rows at once); draws randomness only from 
 BatchNorm buffers as it found them.
 """
 
-from gapwatch.functional._common import DEFAULT_BATCH_SIZE
+from gapwatch.functional._common import DEFAULT_BATCH_SIZE, RowSeeds
 from gapwatch.functional.ablation import AblationResult, unit_ablation
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.functional.jacobian import jacobian_norm
@@ -24,6 +24,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "AblationResult",
     "GapEstimator",
+    "RowSeeds",
     "jacobian_norm",
     "layerwise_obstacle",
     "normalization_factor",

@@ -23,6 +23,7 @@ from torch.nn.functional import one_hot
 
 from gapwatch.functional._common import (
     DEFAULT_BATCH_SIZE,
+    Draws,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -31,6 +32,7 @@ from gapwatch.functional._common import (
     check_inputs,
     check_positive,
     chunks,
+    draw,
     evaluation,
     gradients_enabled,
     make_generator,
@@ -51,7 +53,7 @@ def jacobian_norm(
     method: Method = ...,
     num_projections: int = ...,
     batch_size: int | None = ...,
-    generator: torch.Generator | None = ...,
+    generator: Draws | None = ...,
     reduction: Reduction = ...,
     return_outputs: Literal[False] = ...,
 ) -> Tensor: ...
@@ -66,7 +68,7 @@ def jacobian_norm(
     method: Method = ...,
     num_projections: int = ...,
     batch_size: int | None = ...,
-    generator: torch.Generator | None = ...,
+    generator: Draws | None = ...,
     reduction: Reduction = ...,
     return_outputs: Literal[True],
 ) -> tuple[Tensor, Tensor]: ...
@@ -80,7 +82,7 @@ def jacobian_norm(
     method: Method = "projection",
     num_projections: int = 3,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
-    generator: torch.Generator | None = None,
+    generator: Draws | None = None,
     reduction: Reduction = "mean",
     return_outputs: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
@@ -123,8 +125,10 @@ def jacobian_norm(
         batch_size: Most samples per forward pass: ``DEFAULT_BATCH_SIZE`` (128) unless
             given; ``None`` runs all at once. Memory holds one chunk's graph and one input
             gradient at a time.
-        generator: Source of the draws of ``"projection"``; ``None`` seeds a fresh one
-            from the OS. The draws do not depend on ``batch_size``.
+        generator: Source of the draws of ``"projection"``: a ``torch.Generator``, a
+            :class:`~gapwatch.functional.RowSeeds` (each row's draw from its own stream,
+            so a shard of the inputs gets the draws it gets in the whole), or ``None``
+            for a fresh one seeded from the OS. The draws do not depend on ``batch_size``.
         reduction: ``"mean"`` over the samples or ``"none"`` for the per-sample norms.
         return_outputs: Also return the model's outputs on ``inputs``, from the forward
             pass the Jacobian needed anyway, so a caller that wants both runs one pass.
@@ -152,7 +156,8 @@ def jacobian_norm(
     if method == "projection":
         # Drawn up front, so that the estimate does not depend on the chunking.
         generator = make_generator(generator, device)
-        offsets = torch.rand(inputs.shape[0], 1, generator=generator, device=generator.device)
+        everyone = torch.arange(inputs.shape[0])
+        offsets = draw(generator, everyone, (1,), torch.device("cpu"), uniform=True)
     norms, outputs = [], []
     with evaluation(model), gradients_enabled():
         for rows in chunks(inputs.shape[0], batch_size):

@@ -17,6 +17,7 @@ from torch.nn.parameter import is_lazy
 
 from gapwatch.functional._common import (
     DEFAULT_BATCH_SIZE,
+    Draws,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -26,10 +27,10 @@ from gapwatch.functional._common import (
     check_positive,
     check_targets,
     chunks,
+    draw,
     evaluation,
     make_generator,
     model_device,
-    randn,
 )
 
 _WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -43,7 +44,7 @@ def output_sensitivity(
     after_softmax: bool = False,
     num_draws: int = 1,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
-    generator: torch.Generator | None = None,
+    generator: Draws | None = None,
     clean_outputs: Tensor | None = None,
 ) -> Tensor:
     """Sensitivity S of the model's outputs to Gaussian input noise (Forouzesh eq. 2).
@@ -70,7 +71,10 @@ def output_sensitivity(
         num_draws: Independent noise draws per input.
         batch_size: Most noisy inputs per forward pass: ``DEFAULT_BATCH_SIZE`` (128) unless
             given; ``None`` runs all at once.
-        generator: Source of the noise; ``None`` seeds a fresh one from the OS.
+        generator: Source of the noise: a ``torch.Generator``, a
+            :class:`~gapwatch.functional.RowSeeds` (each row's noise from its own
+            stream, independent of chunking and sharding), or ``None`` for a fresh
+            generator seeded from the OS.
         clean_outputs: ``f(inputs)`` as ``[N, K]`` (or ``[N]``) if the caller already has
             it, e.g. from a shared clean forward pass; the clean pass is then skipped and
             only the ``N * num_draws`` noisy inputs are run.
@@ -107,7 +111,7 @@ def noise_response(
     after_softmax: bool = False,
     num_draws: int = 1,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
-    generator: torch.Generator | None = None,
+    generator: Draws | None = None,
     clean_outputs: Tensor | None = None,
 ) -> Tensor:
     """The output noise of every (input, draw) pair, whose variance is S (eq. 2).
@@ -146,7 +150,7 @@ def _responses(
     after_softmax: bool,
     num_draws: int,
     batch_size: int | None,
-    generator: torch.Generator | None,
+    generator: Draws | None,
     clean_outputs: Tensor | None,
 ) -> Iterator[Tensor]:
     """The rows of :func:`noise_response`, chunk by chunk; the caller sets eval mode.
@@ -177,12 +181,14 @@ def _responses(
         if after_softmax:
             check_classifier(clean.shape[1], "`output_sensitivity(after_softmax=True)`")
             clean = softmax(clean, dim=1)
-        rows = torch.arange(pairs.start, pairs.stop, device=device) // num_draws
+        pair_ids = torch.arange(pairs.start, pairs.stop, device=device)
+        rows = pair_ids // num_draws
         x = inputs[first:stop].to(device=device, dtype=torch.float32)
         if num_draws > 1:
             x = x[rows - first]
         # In place: one input-sized allocation per chunk, not three.
-        noisy = _forward(model, randn(x.shape, generator, device).mul_(sigma).add_(x), device)
+        noise = draw(generator, rows, x.shape[1:], device, streams=pair_ids % num_draws)
+        noisy = _forward(model, noise.mul_(sigma).add_(x), device)
         if noisy.shape[1] != clean.shape[1]:
             raise ValueError(
                 f"`clean_outputs` has {clean.shape[1]} columns but the model returns "
