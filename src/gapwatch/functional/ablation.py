@@ -406,8 +406,10 @@ def ablation_summary(
     there it is the first minimum of ``E``, as in the authors' code: in a chain network
     with the layer fully removed every sample gets the same prediction, so ``E(M)`` is
     0 for every class but one, and only that class, the one an all-zero layer predicts,
-    can miss chance; its ``E(M) = 1`` is an artefact of the ablation, and the point of
-    most damage is where its units stop mattering.
+    can miss chance. Its ``E`` climbs back to 1 at ``n = M`` only because the empty layer
+    predicts it, so the first minimum, the most damage done before that, is its turning
+    point; ``M`` (the empty set's infimum read as "all units") would give this class the
+    least sparse ``n0`` for an artefact.
 
     ``n0_r`` (eq. 3) is the *last* maximum of ``E_r`` over ``n = 0..M-1``. Last: the
     paper reads ``M - n0_r`` as the fewest units that, active together, give the best
