@@ -18,7 +18,11 @@ only about half of fully random labels in 150 epochs. Claims checked (issue 7, i
 Eq. 3's turning point ``n0_r`` is the *last* maximum of ``E_r`` (the end of the plateau
 after which the paper says accuracy "would drop abruptly"): a network at 100% train
 accuracy starts ``E_r`` at its maximum, so a first maximum would always be ``n = 0``.
-This experiment is what showed it; ``unit_ablation`` now takes the last maximum.
+This experiment is what showed it; ``unit_ablation`` now takes the last maximum, and,
+as the authors' code does, before ``n = M`` (issue 15): for the class an all-zero layer
+predicts ``E_r(M) = 1`` is always a maximum. kappa is logged as eq. 5 is printed
+(``kappa="paper"``); the authors' signed mean (``kappa="authors"``) is computed from the
+same final curves and its trend reported beside it.
 
 ``python -m experiments.zhao [--reduced]`` prints the tables and writes them, with a
 figure, to ``experiments/results/zhao``.
@@ -26,6 +30,7 @@ figure, to ``experiments/results/zhao``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +46,7 @@ from experiments.forouzesh import Classifier
 from gapwatch import GapEstimator, UnitAblation
 from gapwatch.demo import DigitsDataModule, digits_cnn
 from gapwatch.functional import AblationResult
+from gapwatch.functional.ablation import ablation_summary
 
 CORRUPTION = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 FIT = 0.99  # train accuracy above which a network counts as fitted
@@ -95,6 +101,7 @@ def fit(arch: str, corruption: float) -> dict[str, Any]:
     )
     final = history[-1]
     result: AblationResult = ablation.proxies[-1].last_result  # the final evaluation's
+    authors = ablation_summary(result.curves, result.curves_reversed, chance=0.1, kappa="authors")
     return {
         "arch": arch,
         "corruption": corruption,
@@ -104,6 +111,8 @@ def fit(arch: str, corruption: float) -> dict[str, Any]:
         "gap": final["gap"],
         "zeta": final["ablation_zeta"],
         "kappa": final["ablation_kappa"],
+        "kappa_authors": float(authors.kappa),
+        "n0": float(result.n0.float().mean()),
         "n0_r": float(result.n0_r.float().mean()),
     }
 
@@ -112,9 +121,12 @@ def _column(runs: list[dict[str, Any]], key: str) -> list[float]:
     return [run[key] for run in runs]
 
 
-def _gap_fit(runs: list[dict[str, Any]]) -> tuple[GapEstimator, float, float]:
-    """Eq. 7 fitted on ``runs``: the estimator, its Pearson r and leave-one-out error."""
-    columns = [_column(runs, key) for key in ("zeta", "kappa", "gap")]
+def _gap_fit(runs: list[dict[str, Any]], kappa: str = "kappa") -> tuple[GapEstimator, float, float]:
+    """Eq. 7 fitted on ``runs``: the estimator, its Pearson r and leave-one-out error.
+
+    ``kappa``: the column used for kappa, ``"kappa"`` (eq. 5) or ``"kappa_authors"``.
+    """
+    columns = [_column(runs, key) for key in ("zeta", kappa, "gap")]
     estimator = GapEstimator().fit(*columns)
     return estimator, estimator.pearson(*columns), GapEstimator.leave_one_out(*columns)
 
@@ -134,7 +146,8 @@ def check(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, An
     groups = {name: members for name, members in groups.items() if members}
     for arch, members in groups.items():
         corruption = _column(members, "corruption")
-        for key, sign, verb in (("zeta", 1, "rises"), ("kappa", -1, "falls")):
+        trends = (("zeta", 1, "rises"), ("kappa", -1, "falls"), ("kappa_authors", -1, "falls"))
+        for key, sign, verb in trends:
             rho = _spearman(corruption, _column(members, key))
             m[f"spearman_{key}_{arch}"] = rho
             m[f"claim_{key}_{verb}_{arch}"] = sign * rho >= TREND
@@ -147,16 +160,17 @@ def check(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, An
             )
     if len(groups) > 1:
         groups["all"] = runs
-    for name, members in groups.items():
-        estimator, pearson, loo = _gap_fit(members)
-        m[f"pearson_{name}"], m[f"loo_mae_{name}"] = pearson, loo
-        m[f"claim_pearson_{name}"] = pearson >= PEARSON
+    fits = (("kappa", "", ""), ("kappa_authors", "_authors", " (authors' kappa)"))
+    for (name, members), (kappa, suffix, label) in itertools.product(groups.items(), fits):
+        estimator, pearson, loo = _gap_fit(members, kappa)
+        m[f"pearson{suffix}_{name}"], m[f"loo_mae{suffix}_{name}"] = pearson, loo
+        m[f"claim_pearson{suffix}_{name}"] = pearson >= PEARSON
         claims.append(
             {
-                "claim": f"[{name}] GapEstimator Pearson >= {PEARSON}",
+                "claim": f"[{name}] GapEstimator{label} Pearson >= {PEARSON}",
                 "measured": f"Pearson {pearson:.3f} over {len(members)} networks, "
                 f"leave-one-out mean abs error {loo:.3f}; {estimator!r}",
-                "holds": m[f"claim_pearson_{name}"],
+                "holds": m[f"claim_pearson{suffix}_{name}"],
             }
         )
     return m, claims
@@ -182,7 +196,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> Path:
         corruption = _column(members, "corruption")
         style = {"color": f"C{color}", "marker": "o"}
         axes[0].plot(corruption, _column(members, "zeta"), label=f"{arch}: zeta", **style)
-        axes[1].plot(corruption, _column(members, "kappa"), label=arch, **style)
+        axes[1].plot(corruption, _column(members, "kappa"), label=f"{arch}: eq. 5", **style)
+        authors = _column(members, "kappa_authors")
+        axes[1].plot(corruption, authors, "--", label=f"{arch}: authors' code", **style)
         estimator, _, _ = _gap_fit(members)
         estimate = estimator.predict(_column(members, "zeta"), _column(members, "kappa"))
         axes[2].scatter(_column(members, "gap"), estimate.tolist(), label=arch, c=f"C{color}")

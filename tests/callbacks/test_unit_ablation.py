@@ -8,12 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
-from gapwatch import UnitAblation
+from gapwatch import GeneralizationMonitor, UnitAblation
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 from gapwatch.functional import unit_ablation
 
-from .conftest import fit, make_trainer
+from .conftest import fit, make_trainer, read_scalars
 
 
 def test_unit_ablation_layer_path_and_class_subset(tmp_path):
@@ -114,3 +117,46 @@ def test_a_model_the_traced_split_cannot_batch_is_ablated_by_hooks(tmp_path):
     assert callback.proxies[-1].split.method == "hook"
     assert final["ablation_zeta"] == pytest.approx(expected.zeta.item())
     assert final["ablation_kappa"] == pytest.approx(expected.kappa.item())
+
+
+def _hparams(log_dir) -> dict:
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    return dict(plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams)
+
+
+@pytest.mark.parametrize("suite", [False, True])
+def test_kappa_authors_logs_the_signed_mean_of_e_r_minus_e(tmp_path, suite):
+    options = {"layer": "net.5", "max_classes": 4, "kappa": "authors", "probe_size": 128}
+    if suite:
+        callback = GeneralizationMonitor(
+            sensitivity=False, jacobian=False, normalized_loss=False, **options
+        )
+    else:
+        callback = UnitAblation(**options)
+    logger = TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False)
+    fit(tmp_path, [callback], logger=logger, max_epochs=1)
+    proxy = callback.proxies[-1]
+    assert proxy.kappa == "authors"
+    result, final = proxy.last_result, callback.history[-1]
+    # The authors' kappa, written out: per class the mean of E_r - E over all M + 1 levels.
+    e, e_r = result.curves.double(), result.curves_reversed.double()
+    per_class = [(e_r[c] - e[c]).sum().item() / e.shape[1] for c in range(e.shape[0])]
+    expected = sum(per_class) / len(per_class)
+    assert final["ablation_kappa"] == pytest.approx(expected, abs=1e-6)
+    logged = read_scalars(logger.log_dir)["gapwatch/ablation_kappa"]
+    assert logged[int(final["step"])] == pytest.approx(expected, abs=1e-6)
+    # ... which is not eq. 5 as printed (sum of |E_r - E| over M) on these curves.
+    printed = [(e_r[c] - e[c]).abs().sum().item() / (e.shape[1] - 1) for c in range(e.shape[0])]
+    assert abs(sum(printed) / len(printed) - expected) > 1e-3
+    assert _hparams(logger.log_dir)["gapwatch/ablation.kappa"].string_value == "authors"
+
+
+def test_kappa_defaults_to_eq_5_and_a_bad_choice_names_the_options():
+    assert UnitAblation().proxies[-1].kappa == "paper"
+    assert GeneralizationMonitor().proxies[-1].kappa == "paper"
+    message = r"Unknown kappa 'signed'; use one of 'paper', 'authors'"
+    for make in (UnitAblation, GeneralizationMonitor):
+        with pytest.raises(ValueError, match=message):
+            make(kappa="signed")

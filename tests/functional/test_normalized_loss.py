@@ -26,12 +26,29 @@ def lp_norm(w: Tensor, p: float = 2) -> float:
     return sum(chunk.double().abs().pow(p).sum().item() for chunk in chunks) ** (1 / p)
 
 
+def first_layer_norm(weight: Tensor, bias: Tensor | None, p: float = 2) -> float:
+    """rho_1 as the authors' code computes it: ``(w_norm**p + b_norm**p)**(1/p)``.
+
+    Section 2 of the paper: the input layer's bias is the weight of a constant input.
+    """
+    w_norm = lp_norm(weight, p)
+    if bias is None:
+        return w_norm
+    b_norm = lp_norm(bias, p)
+    return max(w_norm, b_norm) if p == math.inf else (w_norm**p + b_norm**p) ** (1 / p)
+
+
 def normalized_copy(model: nn.Module, p: float = 2) -> tuple[nn.Module, float]:
-    """Eq. 1 by hand: every weight over its norm, every bias over the norms up to its layer."""
+    """Eq. 1 by hand: every weight over its norm, every bias over the norms up to its layer.
+
+    The first layer's norm takes its bias in (``first_layer_norm``).
+    """
     normalized, rho = copy.deepcopy(model).eval(), 1.0
     with torch.no_grad():
-        for layer in (m for m in normalized.modules() if isinstance(m, WEIGHTED)):
+        for index, layer in enumerate(m for m in normalized.modules() if isinstance(m, WEIGHTED)):
             norm = lp_norm(layer.weight, p)
+            if index == 0:
+                norm = first_layer_norm(layer.weight, layer.bias, p)
             rho *= norm
             layer.weight /= norm
             if layer.bias is not None:
@@ -111,6 +128,53 @@ def test_batchnorm_is_folded_into_the_preceding_conv(cnn, data):
     assert abs(unfolded / rho - 1) > 0.1
 
 
+def liao_poggio_net() -> nn.Module:
+    """The paper's appendix network for digits: two 5x5 convs of 24 filters and a linear
+    layer, ReLU, no pooling, only the first layer with a bias."""
+    return nn.Sequential(
+        nn.Conv2d(1, 24, 5, padding=2),
+        nn.ReLU(),
+        nn.Conv2d(24, 24, 5, padding=2, bias=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(24 * 64, 10, bias=False),
+    )
+
+
+def authors_rho(model: nn.Module, p: float) -> float:
+    """The authors' loop: per layer the norm of its weight; for the first layer
+    ``W_norm = (w_norm**p + b_norm**p)**(1/p)``; rho their product."""
+    rho = 1.0
+    for index, layer in enumerate(m for m in model.modules() if isinstance(m, WEIGHTED)):
+        w_norm = layer.weight.detach().double().abs().pow(p).sum().item() ** (1 / p)
+        if index == 0 and layer.bias is not None:
+            b_norm = layer.bias.detach().double().abs().pow(p).sum().item() ** (1 / p)
+            w_norm = (w_norm**p + b_norm**p) ** (1 / p)
+        rho *= w_norm
+    return rho
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_the_first_layers_bias_is_part_of_rho_1_as_in_the_authors_code(data, p):
+    x, y = data
+    torch.manual_seed(0)
+    model = liao_poggio_net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(30):  # trained a little, so that the bias is not its tiny initial one
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.zero_grad(set_to_none=True)
+    rho = authors_rho(model, p)
+    assert normalization_factor(model, p=p).item() == pytest.approx(rho, rel=1e-6)
+    weights_only = math.prod(lp_norm(m.weight, p) for m in model if isinstance(m, WEIGHTED))
+    assert rho / weights_only - 1 > 1e-3  # the bias matters: leaving it out is detectably off
+    # f / rho is still exactly the network of unit-norm layers: [W_1 b_1] / rho_1, W_k / rho_k.
+    with torch.no_grad():
+        expected = cross_entropy(model(x) / rho, y)
+    assert normalized_cross_entropy(model, x, y, p=p).item() == pytest.approx(expected, abs=1e-6)
+
+
 @pytest.mark.parametrize("layer", [1, 3, 5])
 @pytest.mark.parametrize("factor", [0.02, 50.0])
 def test_scaling_one_layer_leaves_the_normalized_loss_unchanged(data, layer, factor):
@@ -175,9 +239,10 @@ def test_vgg11_works_layerwise():
     # init_weights=False keeps PyTorch's default init and skips VGG's slow second one.
     model = torchvision.models.vgg11(weights=None, num_classes=10, init_weights=False)
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
-    weights = [m.weight for m in model.modules() if isinstance(m, WEIGHTED)]
-    log_rho = sum(math.log(lp_norm(w)) for w in weights)
-    assert len(weights) == 11
+    layers = [m for m in model.modules() if isinstance(m, WEIGHTED)]
+    log_rho = math.log(first_layer_norm(layers[0].weight, layers[0].bias))
+    log_rho += sum(math.log(lp_norm(m.weight)) for m in layers[1:])
+    assert len(layers) == 11
     assert normalization_factor(model, log=True).item() == pytest.approx(log_rho, rel=1e-6)
     loss = normalized_cross_entropy(model, x, y)  # in train mode: Dropout must be switched off
     with torch.no_grad():
@@ -249,7 +314,8 @@ def test_grouped_conv_transpose_folds_per_output_channel():
         bn.weight.normal_(), bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2)
     model = nn.Sequential(convt, bn, nn.ReLU(), nn.Flatten(), nn.Linear(600, 5))
     s = bn.weight / (bn.running_var + bn.eps).sqrt()
-    total = 0.0
+    folded_bias = s * (convt.bias - bn.running_mean) + bn.bias  # the first layer's, in rho_1
+    total = folded_bias.pow(2).sum().item()
     for channel in range(6):  # output channel g * 3 + j reads input channels 2g, 2g + 1
         group, j = divmod(channel, 3)
         total += (s[channel] * convt.weight[2 * group : 2 * group + 2, j]).pow(2).sum().item()
@@ -272,8 +338,9 @@ def test_lone_batchnorm_is_a_diagonal_layer(data, affine):
         if affine:
             bn.weight.normal_(), bn.bias.normal_()
     s = (bn.weight if affine else 1) / (bn.running_var + bn.eps).sqrt()
+    shift = (bn.bias if affine else 0) - s * bn.running_mean  # diag(s) x + shift
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    rho = lp_norm(s) * math.prod(lp_norm(m.weight) for m in linears)
+    rho = first_layer_norm(s, shift) * math.prod(lp_norm(m.weight) for m in linears)
     assert normalization_factor(model).item() == pytest.approx(rho, rel=1e-6)
     with torch.no_grad():
         expected = cross_entropy(model(x) / rho, y)
@@ -308,9 +375,10 @@ def test_a_bare_linear_layer_is_one_layer(data):
     torch.manual_seed(0)
     model = nn.Linear(64, 10)
     flat = x.flatten(1)
-    assert normalization_factor(model).item() == pytest.approx(lp_norm(model.weight), rel=1e-6)
+    rho = first_layer_norm(model.weight, model.bias)
+    assert normalization_factor(model).item() == pytest.approx(rho, rel=1e-6)
     with torch.no_grad():
-        expected = cross_entropy(model(flat) / lp_norm(model.weight), y)
+        expected = cross_entropy(model(flat) / rho, y)
     assert normalized_cross_entropy(model, flat, y).item() == pytest.approx(expected, abs=1e-6)
 
 
@@ -318,7 +386,7 @@ def test_merging_paths_through_the_same_layers_form_a_chain(data):
     x, y = data
     torch.manual_seed(0)
     model = SharedPaths()
-    rho = lp_norm(model.first.weight) * lp_norm(model.second.weight)
+    rho = first_layer_norm(model.first.weight, model.first.bias) * lp_norm(model.second.weight)
     assert normalization_factor(model).item() == pytest.approx(rho, rel=1e-6)
     with torch.no_grad():
         expected = cross_entropy(model(x) / rho, y)
@@ -329,7 +397,7 @@ def test_non_homogeneous_modules_warn_once_and_use_f_over_rho(data):
     x, y = data
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
-    rho = lp_norm(model[1].weight) * lp_norm(model[3].weight)
+    rho = first_layer_norm(model[1].weight, model[1].bias) * lp_norm(model[3].weight)
     with pytest.warns(UserWarning, match=r"not positively homogeneous \(Tanh\)"):
         assert normalization_factor(model).item() == pytest.approx(rho, rel=1e-6)
     with warnings.catch_warnings():

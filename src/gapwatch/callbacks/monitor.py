@@ -11,6 +11,7 @@ from gapwatch.callbacks.normalized_loss import NormalizedLossProxy
 from gapwatch.callbacks.output_sensitivity import SensitivityProxy
 from gapwatch.callbacks.transitions import TransitionsProxy
 from gapwatch.callbacks.unit_ablation import AblationProxy
+from gapwatch.functional.ablation import KappaMethod
 
 
 class GeneralizationMonitor(ProbeCallback):
@@ -46,6 +47,8 @@ class GeneralizationMonitor(ProbeCallback):
             the normalized losses (otherwise just below ``ln K``) for early stopping.
         layer: Module path of the ablated layer; by default chosen automatically.
         max_classes: Classes evaluated per ablation (a random subset when there are more).
+        kappa: ``"paper"`` (eq. 5 as printed) or ``"authors"`` (the authors' signed mean
+            of ``E_r - E``), as in :class:`~gapwatch.callbacks.UnitAblation`.
         gap_coefficients: ``(a, b, c)`` of a fitted :class:`~gapwatch.GapEstimator`; then
             ``estimated_gap = a * zeta + b * kappa + c`` is logged too.
         num_points: Points on each translation loop for transitions.
@@ -83,6 +86,7 @@ class GeneralizationMonitor(ProbeCallback):
         scale: float = 1.0,
         layer: str | None = None,
         max_classes: int = 10,
+        kappa: KappaMethod = "paper",
         gap_coefficients: tuple[float, float, float] | None = None,
         num_points: int | None = None,
         max_images: int = 64,
@@ -104,7 +108,7 @@ class GeneralizationMonitor(ProbeCallback):
         if normalized_loss:
             proxies.append(NormalizedLossProxy(normalization, p, scale, option="normalization"))
         if ablation:
-            proxies.append(AblationProxy(layer, max_classes, gap_coefficients))
+            proxies.append(AblationProxy(layer, max_classes, gap_coefficients, kappa))
         if transitions:
             proxies.append(TransitionsProxy(num_points, max_images))
         super().__init__(proxies, **kwargs)

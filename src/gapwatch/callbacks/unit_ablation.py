@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -21,9 +21,14 @@ from gapwatch.callbacks._proxy import (
     require_train_targets,
 )
 from gapwatch.callbacks.base import ProbeCallback
-from gapwatch.functional._common import check_positive, evaluation
+from gapwatch.functional._common import (
+    check_choice,
+    check_positive,
+    evaluation,
+)
 from gapwatch.functional.ablation import (
     AblationResult,
+    KappaMethod,
     LayerSplit,
     ablation_from_activations,
     ablation_summary,
@@ -126,8 +131,10 @@ class AblationProxy(Proxy):
         layer: str | None = None,
         max_classes: int = 10,
         gap_coefficients: tuple[float, float, float] | None = None,
+        kappa: KappaMethod = "paper",
     ) -> None:
         check_positive("max_classes", max_classes, integer=True)
+        check_choice("kappa", kappa, get_args(KappaMethod))
         if gap_coefficients is not None and (
             len(gap_coefficients) != 3
             or not all(isinstance(c, (int, float)) and math.isfinite(c) for c in gap_coefficients)
@@ -139,6 +146,7 @@ class AblationProxy(Proxy):
         self.layer = layer
         self.max_classes = max_classes
         self.gap_coefficients = gap_coefficients
+        self.kappa = kappa
         self.last_result: AblationResult | None = None
         # (activation, live) of this evaluation's classes, from `run_probe`, for `statistics`.
         self._pending: tuple[Tensor, tuple[Tensor, ...]] | None = None
@@ -225,6 +233,7 @@ class AblationProxy(Proxy):
             torch.cat([r.curves_reversed for r in per_class]),
             chance=1.0 / self.num_classes,
             classes=mine.to(activation.device),
+            kappa=self.kappa,
         )
         self.last_result = result
         stats["zeta_sum"] = result.zeta_per_class.double().sum().cpu()
@@ -302,7 +311,11 @@ class UnitAblation(ProbeCallback):
             default the last hidden layer before the classifier, reported once.
         max_classes: Classes evaluated per evaluation; with more classes a random subset
             is drawn at each evaluation.
-        gap_coefficients: ``(a, b, c)`` of a fitted :class:`~gapwatch.GapEstimator`.
+        gap_coefficients: ``(a, b, c)`` of a fitted :class:`~gapwatch.GapEstimator`
+            (fitted with the same ``kappa``).
+        kappa: ``"paper"``: eq. 5 as printed, ``sum_n |E_r(n) - E(n)| / M``;
+            ``"authors"``: the authors' code, ``sum_n (E_r(n) - E(n)) / (M + 1)``. See
+            :func:`gapwatch.functional.ablation.ablation_summary` for why the first is the default.
         **kwargs: Scheduling and probe options of :class:`~gapwatch.callbacks.ProbeCallback`.
     """
 
@@ -311,6 +324,8 @@ class UnitAblation(ProbeCallback):
         layer: str | None = None,
         max_classes: int = 10,
         gap_coefficients: tuple[float, float, float] | None = None,
+        kappa: KappaMethod = "paper",
         **kwargs: Any,
     ) -> None:
-        super().__init__([AblationProxy(layer, max_classes, gap_coefficients)], **kwargs)
+        proxy = AblationProxy(layer, max_classes, gap_coefficients, kappa)
+        super().__init__([proxy], **kwargs)

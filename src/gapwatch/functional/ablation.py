@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, fx, nn
@@ -43,6 +43,8 @@ Prefix = Callable[[Tensor], tuple[Tensor, tuple[Tensor, ...]]]
 Suffix = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
 Whole = Callable[[Tensor], tuple[Tensor, tuple[Tensor, ...], Tensor]]
 SplitMethod = Literal["auto", "fx", "hook"]
+KappaMethod = Literal["paper", "authors"]
+_KAPPA_METHODS = get_args(KappaMethod)
 
 
 @dataclass(frozen=True)
@@ -54,10 +56,12 @@ class AblationResult:
         curves: ``[C, M+1]`` ``E(n)``: accuracy on the class after removing its ``n`` most
             active units.
         curves_reversed: ``[C, M+1]`` ``E_r(n)``: the same, least active units first.
-        n0: ``[C]`` turning point of ``E`` (eq. 2); ``M`` if ``E`` never reaches chance.
-        n0_r: ``[C]`` turning point of ``E_r`` (eq. 3).
+        n0: ``[C]`` turning point of ``E`` (eq. 2); the first minimum of ``E`` if ``E``
+            never reaches chance.
+        n0_r: ``[C]`` turning point of ``E_r`` (eq. 3): its last maximum before ``n = M``.
         zeta_per_class: ``[C]`` eq. 4.
-        kappa_per_class: ``[C]`` eq. 5.
+        kappa_per_class: ``[C]`` eq. 5, or the authors' variant (see
+            :func:`ablation_summary`).
         zeta: 0-d class mean of ``zeta_per_class`` (eq. 6).
         kappa: 0-d class mean of ``kappa_per_class`` (eq. 6).
     """
@@ -397,49 +401,91 @@ def split_model(
 
 
 def ablation_summary(
-    curves: Tensor, curves_reversed: Tensor, *, chance: float, classes: Tensor | None = None
+    curves: Tensor,
+    curves_reversed: Tensor,
+    *,
+    chance: float,
+    classes: Tensor | None = None,
+    kappa: KappaMethod = "paper",
 ) -> AblationResult:
     """Turning points and sparsity quantities of given ablation curves (eqs. 2-6).
 
-    ``n0`` (eq. 2) is the first ``n`` with ``E(n) <= chance``, or ``M`` when the curve
-    never gets there (the least sparse value). ``n0_r`` (eq. 3) is the *last* maximum of
-    ``E_r``: the paper reads ``M - n0_r`` as the fewest units that, active together, give
-    the best accuracy, and a network that fits its class stays at its maximum for a while
-    as the least active units go, so the first maximum would be ``n = 0``.
-    ``zeta = (n0 + M - n0_r) / 2M`` (eq. 4), ``kappa = sum_n |E_r - E| / M``
-    (eq. 5), and both are averaged over classes (eq. 6). A class whose curves hold a NaN
-    (a model whose outputs went NaN) gets NaN for both.
+    ``n0`` (eq. 2) is the first ``n`` with ``E(n) <= chance``. When ``E`` never gets
+    there it is the first minimum of ``E``, as in the authors' code: in a chain network
+    with the layer fully removed every sample gets the same prediction, so ``E(M)`` is
+    0 for every class but one, and only that class, the one an all-zero layer predicts,
+    can miss chance. Its ``E`` climbs back to 1 at ``n = M`` only because the empty layer
+    predicts it, so the first minimum, the most damage done before that, is its turning
+    point; ``M`` (the empty set's infimum read as "all units") would give this class the
+    least sparse ``n0`` for an artefact.
+
+    ``n0_r`` (eq. 3) is the *last* maximum of ``E_r`` over ``n = 0..M-1``. Last: the
+    paper reads ``M - n0_r`` as the fewest units that, active together, give the best
+    accuracy, and a network that fits its class stays at its maximum for a while as the
+    least active units go, so the first maximum would be ``n = 0``. Before ``M``: for the
+    class an all-zero layer predicts, ``E_r(M) = 1`` is always a maximum and would give
+    ``M - n0_r = 0``; the authors' code excludes ``n = M`` likewise and finds the end of
+    the real plateau. ``zeta = (n0 + M - n0_r) / 2M`` (eq. 4).
+
+    ``kappa`` chooses between two readings of eq. 5:
+
+    - ``"paper"`` (default), eq. 5 as printed: ``kappa = sum_{n=0..M} |E_r(n) - E(n)| / M``,
+      the area enclosed by the two curves, in [0, 1] up to the factor ``(M + 1) / M``.
+    - ``"authors"``, the authors' code, which produced the paper's figures:
+      ``kappa = sum_{n=0..M} (E_r(n) - E(n)) / (M + 1)``, the signed mean, where
+      stretches with ``E > E_r`` subtract. It is ``M / (M + 1)`` times the paper's value
+      when ``E_r >= E`` throughout, and can be far smaller (even negative) when the
+      curves cross, as they do for untrained networks.
+
+    The printed equation is the default because it is the quantity the paper describes
+    (an area, "adjusted to fall in the range from 0 to 1"), what gapwatch has always
+    logged, and eq. 7 is refitted to its own family anyway; ``"authors"`` reproduces the
+    published numbers. Both quantities are averaged over classes (eq. 6). A class whose
+    curves hold a NaN (a model whose outputs went NaN) gets NaN for both.
 
     Args:
         curves: ``[C, M+1]`` ``E(n)``, most active units removed first.
         curves_reversed: ``[C, M+1]`` ``E_r(n)``, least active units removed first.
         chance: Chance-level accuracy.
         classes: ``[C]`` class ids (default ``0..C-1``).
+        kappa: ``"paper"`` or ``"authors"``: which eq. 5, as above.
 
     Returns:
         The :class:`AblationResult` of these curves.
 
     Raises:
-        ValueError: If the curves' shapes differ or have fewer than two levels.
+        ValueError: If the curves' shapes differ or have fewer than two levels, or on an
+            unknown ``kappa``.
     """
+    check_choice("kappa", kappa, _KAPPA_METHODS)
     if curves.shape != curves_reversed.shape or curves.ndim != 2 or curves.shape[1] < 2:
         raise ValueError(
             "`curves` and `curves_reversed` must both be [C, M+1] with M >= 1, got "
             f"{tuple(curves.shape)} and {tuple(curves_reversed.shape)}."
         )
     m = curves.shape[1] - 1
-    above = (curves <= chance).cumsum(1) == 0
-    n0 = above.sum(1).clamp(max=m)
-    n0_r = m - curves_reversed.flip(1).argmax(1)
+    reached = curves <= chance
+    # argmax/argmin return the first extreme index (torch documents it).
+    n0 = torch.where(reached.any(1), reached.int().argmax(1), curves.argmin(1))
+    n0_r = (m - 1) - curves_reversed[:, :m].flip(1).argmax(1)
     zeta = (n0 + m - n0_r).float() / (2 * m)
     # Turning points of curves with undefined (NaN) accuracies are undefined too.
     undefined = (curves.isnan() | curves_reversed.isnan()).any(1)
     zeta = zeta.masked_fill(undefined, math.nan)
-    kappa = (curves_reversed - curves).abs().sum(1) / m
+    difference = curves_reversed - curves
+    kappa_per_class = difference.abs().sum(1) / m if kappa == "paper" else difference.mean(1)
     if classes is None:
         classes = torch.arange(curves.shape[0], device=curves.device)
     return AblationResult(
-        classes, curves, curves_reversed, n0, n0_r, zeta, kappa, zeta.mean(), kappa.mean()
+        classes,
+        curves,
+        curves_reversed,
+        n0,
+        n0_r,
+        zeta,
+        kappa_per_class,
+        zeta.mean(),
+        kappa_per_class.mean(),
     )
 
 
@@ -523,6 +569,7 @@ def ablation_from_activations(
     classes: Sequence[int] | Tensor | None = None,
     chance: float | None = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
+    kappa: KappaMethod = "paper",
 ) -> AblationResult:
     """Cumulative unit ablation (eq. 1) from an already captured layer activation.
 
@@ -552,6 +599,8 @@ def ablation_from_activations(
         chance: Chance accuracy for eq. 2 (default ``1 / num_classes``).
         batch_size: Rows per suffix call: ``DEFAULT_BATCH_SIZE`` (128) unless given;
             ``None``: all ``2 (M + 1) N`` rows at once.
+        kappa: ``"paper"`` (eq. 5 as printed) or ``"authors"`` (the authors' signed
+            mean); see :func:`ablation_summary`.
 
     Returns:
         The :class:`AblationResult`; float32 curves on the activations' device.
@@ -559,7 +608,8 @@ def ablation_from_activations(
     Raises:
         ValueError: On activations that are not 2-D or 4-D, labels out of range, classes
             without any sample, a non-positive ``num_classes``, ``chance`` outside
-            [0, 1], or a model with other than ``num_classes`` outputs.
+            [0, 1], an unknown ``kappa``, or a model with other than ``num_classes``
+            outputs.
         TypeError: On non-integer targets.
     """
     check_inputs(activations, name="activations")
@@ -570,6 +620,7 @@ def ablation_from_activations(
         )
     check_positive("num_classes", num_classes, integer=True)
     check_batch_size(batch_size)
+    check_choice("kappa", kappa, _KAPPA_METHODS)
     chance = 1.0 / num_classes if chance is None else chance
     if not 0.0 <= chance <= 1.0:
         raise ValueError(f"`chance` is an accuracy and must lie in [0, 1], got {chance}.")
@@ -586,7 +637,7 @@ def ablation_from_activations(
         )
     both = torch.stack(curves)
     ids = torch.tensor(classes, device=both.device)
-    return ablation_summary(both[:, 0], both[:, 1], chance=chance, classes=ids)
+    return ablation_summary(both[:, 0], both[:, 1], chance=chance, classes=ids, kappa=kappa)
 
 
 def unit_ablation(
@@ -600,6 +651,7 @@ def unit_ablation(
     chance: float | None = None,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
     method: SplitMethod = "auto",
+    kappa: KappaMethod = "paper",
 ) -> AblationResult:
     """Cumulative unit ablation of ``layer`` and its sparsity quantities (eqs. 1-6).
 
@@ -623,6 +675,8 @@ def unit_ablation(
         batch_size: Rows per forward call, for the prefix and the suffix passes:
             ``DEFAULT_BATCH_SIZE`` (128) unless given; ``None``: all at once.
         method: How to split the model: ``"auto"``, ``"fx"`` or ``"hook"``.
+        kappa: ``"paper"`` (eq. 5 as printed) or ``"authors"`` (the authors' signed
+            mean); see :func:`ablation_summary`.
 
     Returns:
         The :class:`AblationResult`.
@@ -634,6 +688,7 @@ def unit_ablation(
     """
     check_inputs(inputs, floating=False)
     check_targets(targets, inputs.shape[0])
+    check_choice("kappa", kappa, _KAPPA_METHODS)
     split = split_model(model, layer, method=method, example_inputs=inputs[:2])
     with evaluation(model), torch.no_grad():
         activations, live = split.capture(inputs, batch_size=batch_size)
@@ -646,4 +701,5 @@ def unit_ablation(
             classes=classes,
             chance=chance,
             batch_size=batch_size,
+            kappa=kappa,
         )

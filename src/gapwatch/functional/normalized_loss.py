@@ -113,13 +113,18 @@ def normalization_factor(
     ``nn.Conv*`` / ``nn.ConvTranspose*`` layers, each weight flattened. An eval-mode
     BatchNorm is first folded into the conv/linear that feeds it (``W <- diag(s) W`` with
     ``s = gamma / sqrt(running_var + eps)``); a BatchNorm fed by anything else is a layer
-    of its own, the diagonal matrix ``diag(s)``. The layers are found with ``torch.fx``;
-    the model must be a chain (every weighted layer on every path from input to output),
-    which rejects residual and parallel branches. Models that ``torch.fx`` cannot trace
-    (data-dependent control flow) fall back to module registration order: that path
-    assumes, unchecked, that ``forward`` runs the registered modules once each, in order.
-    A model with non-positively-homogeneous modules (Tanh, GELU, LayerNorm, ...) gets a
-    warning once: ``rho`` is still the product of the norms, but ``f / rho`` is then not
+    of its own, the diagonal matrix ``diag(s)``. The first layer's bias counts as the
+    weight of a constant input dimension (section 2), as in the authors' code:
+    ``rho_1 = ||[W_1 b_1]||_p``, with ``b_1`` the bias of the folded map
+    (``s (b - running_mean) + beta`` under a BatchNorm). Later biases are not weights of
+    any input; the normalized network divides them by ``rho_1 ... rho_k`` instead.
+    The layers are found with ``torch.fx``; the model must be a chain (every weighted
+    layer on every path from input to output), which rejects residual and parallel
+    branches. Models that ``torch.fx`` cannot trace (data-dependent control flow) fall
+    back to module registration order: that path assumes, unchecked, that ``forward``
+    runs the registered modules once each, in order. A model with
+    non-positively-homogeneous modules (Tanh, GELU, LayerNorm, ...) gets a warning once:
+    ``rho`` is still the product of the norms, but ``f / rho`` is then not
     the weight-normalized network.
 
     ``mode="output"`` (appendix H): ``rho`` is the mean over ``reference_inputs`` of the
@@ -404,18 +409,42 @@ def _log_norms(model: nn.Module, layers: list[_Layer], p: float) -> Tensor:
 
     Channel by channel because that is what BatchNorm scales, and because one float32
     reduction over a whole large layer is inexact (1% off on VGG-11's 1e8-entry layer).
+    The first layer's channels also hold its additive term (section 2: the input layer's
+    bias is the weight of a constant input dimension), so ``rho_1 = ||[W_1 b_1]||_p``.
     """
     modules = dict(model.named_modules())
     norms = []
-    for layer in layers:
+    for index, layer in enumerate(layers):
         if layer.batchnorm is None:
             channels = _channel_norms(modules[layer.weighted], p)
         else:
             channels = _batchnorm_scale(modules[layer.batchnorm], layer.batchnorm)
             if layer.weighted is not None:
                 channels = channels * _channel_norms(modules[layer.weighted], p)
+        offset = _offset(modules, layer) if index == 0 else None
+        if offset is not None:
+            channels = _norm(torch.stack([channels, offset]), p, dim=0)
         norms.append(_norm(channels, p, dim=0))
     return torch.stack(norms).log()
+
+
+def _offset(modules: dict[str, nn.Module], layer: _Layer) -> Tensor | None:
+    """The additive term of a layer's (BatchNorm-folded) affine map per channel, float64.
+
+    ``b`` for a conv/linear, ``s (b - running_mean) + beta`` with a BatchNorm folded in
+    (``s`` as in :func:`_batchnorm_scale`, ``b = 0`` without a bias), and
+    ``beta - s running_mean`` for a lone BatchNorm; ``None`` for a layer without bias.
+    """
+    bias = None if layer.weighted is None else modules[layer.weighted].bias
+    offset = None if bias is None else cast(Tensor, bias).detach().double()
+    if layer.batchnorm is None:
+        return offset
+    batchnorm = modules[layer.batchnorm]
+    scale = _batchnorm_scale(batchnorm, layer.batchnorm)
+    mean = cast(Tensor, batchnorm.running_mean).double()
+    offset = scale * (-mean if offset is None else offset - mean)
+    shift = batchnorm.bias
+    return offset if shift is None else offset + cast(Tensor, shift).detach().double()
 
 
 def _channel_norms(module: nn.Module, p: float) -> Tensor:
