@@ -277,6 +277,14 @@ BAD_SETUPS = [
         r"'net\.99'.*Valid paths: net, net\.0",
     ),
     _case(
+        "ablation of the output layer",
+        _probe_16(UnitAblation, layer="net.9"),
+        _classifier,
+        DigitsDataModule,
+        ValueError,
+        r"`layer='net\.9'` is the model's output layer.*`layer=None`",
+    ),
+    _case(
         "ablation layer with a 3-D output",
         _probe_16(UnitAblation, layer="net.2"),
         _Tokens,

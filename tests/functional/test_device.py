@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gapwatch.functional import jacobian_norm, output_sensitivity, transitions
-from gapwatch.functional._common import make_generator, randn
+from gapwatch.functional._common import RowSeeds, draw, make_generator
 from tests import conftest
 from tests.functional.test_memory import PER_SAMPLE, PROXIES, K, _probe
 
@@ -47,12 +47,17 @@ SYNC_FREE: dict[str, SyncFree] = {
 def test_draws_arrive_on_the_device_from_the_generators_own_stream(device):
     fresh = make_generator(None, device)
     assert fresh.device.type == device.type
-    cpu_stream = randn((5, 3), torch.Generator().manual_seed(0), device)
+    rows = torch.arange(5)
+    cpu_stream = draw(torch.Generator().manual_seed(0), rows, (3,), device)
     assert cpu_stream.device == device
     # A CPU generator gives the same numbers whatever device the model is on.
     expected = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(cpu_stream.cpu(), expected)
-    assert randn((2,), fresh, device).device == device
+    assert draw(fresh, torch.arange(2), (), device).device == device
+    # Row-keyed draws: row i's numbers from its own seed, on any device.
+    keyed = draw(RowSeeds(torch.tensor([7, 9])), torch.tensor([1, 0]), (3,), device)
+    own = torch.randn(3, generator=torch.Generator().manual_seed(9 * 2**16))
+    assert torch.equal(keyed[0].cpu(), own)
 
 
 @requires_cuda

@@ -78,7 +78,7 @@ def set_up_proxies(
     probes: Probes,
     *,
     skip_inapplicable: bool,
-) -> list[Proxy]:
+) -> tuple[list[Proxy], int]:
     """Check the model, set every proxy up on the whole probes; the proxies that apply.
 
     Args:
@@ -89,7 +89,7 @@ def set_up_proxies(
             model or data (``GeneralizationMonitor``); otherwise its error stops the fit.
 
     Returns:
-        The proxies set up, in order.
+        The proxies set up, in order, and the model's number of outputs K.
     """
     check_float32_model(model)
     with isolated_rng():
@@ -105,7 +105,7 @@ def set_up_proxies(
                 rank_zero_info(f"gapwatch: skipping {name}: {str(reason).split(', but ')[0]}.")
                 continue
             active.append(proxy)
-    return active
+    return active, num_outputs
 
 
 def without_ignored(probe: Probe) -> Probe:

@@ -153,6 +153,7 @@ class ProbeCallback(Callback):
         self._gathers_values = False  # per-sample values go to rank 0 for its histograms
         self._warned_nonfinite = False
         self._checks = Checks()
+        self._num_outputs = 1
         self._collector: BatchCollector | None = None  # the train probe of a stream
 
     @property
@@ -310,7 +311,7 @@ class ProbeCallback(Callback):
             heldout=None if heldout is None else _setup.without_ignored(heldout),
             train=_setup.without_ignored(train),
         )
-        self._active = _setup.set_up_proxies(
+        self._active, self._num_outputs = _setup.set_up_proxies(
             self.proxies,
             self.get_model(pl_module),
             probes,
@@ -329,8 +330,11 @@ class ProbeCallback(Callback):
             logits = proxy.run_probe(model, probes, role, context)
             if logits is not None:
                 return logits
-        chunks = forward_chunks(model, probes[role].inputs, self.batch_size)
-        return torch.cat([out for _, _, out in chunks])
+        inputs = probes[role].inputs
+        chunks = forward_chunks(model, inputs, self.batch_size)
+        # A process's shard of a probe smaller than the world is empty.
+        empty = [inputs.new_zeros((0, context.num_outputs), dtype=torch.float32)]
+        return torch.cat([out for _, _, out in chunks] or empty)
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         step = _step(trainer)
@@ -347,6 +351,7 @@ class ProbeCallback(Callback):
             step=step,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            num_outputs=self._num_outputs,
         )
         stats: list[Stats] = []
         with isolated_rng(), evaluation(model), torch.no_grad():

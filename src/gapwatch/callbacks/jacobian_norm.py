@@ -84,14 +84,17 @@ class JacobianProxy(Proxy):
     def _norms_and_logits(
         self, model: nn.Module, probes: Probes, context: Context
     ) -> tuple[Tensor, Tensor]:
+        probe = probes.unlabeled
+        if not len(probe):  # a process's shard of a probe smaller than the world
+            return torch.zeros(0), torch.zeros(0, context.num_outputs)
         return jacobian_norm(
             model,
-            probes.unlabeled.inputs,
+            probe.inputs,
             output=self.output,
             method=self.method,
             num_projections=self.num_projections,
             batch_size=context.batch_size,
-            generator=context.generator,
+            generator=context.draws(probe),
             reduction="none",
             return_outputs=True,
         )

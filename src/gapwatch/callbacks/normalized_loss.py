@@ -109,6 +109,10 @@ class NormalizedLossProxy(Proxy):
         for role, probe, logits in pairs:
             if probe.targets is None:
                 continue
+            if not len(probe):  # a process's shard of a probe smaller than the world
+                stats[f"normalized_{role}_loss_sum"] = torch.zeros((), dtype=torch.float64)
+                stats[f"normalized_{role}_loss_count"] = torch.zeros((), dtype=torch.float64)
+                continue
             # Logits that overflowed do not mean that f / rho did: without them, layerwise
             # mode evaluates the network with normalized weights instead.
             shared = {"logits": logits, "log_rho": log_rho} if logits.isfinite().all() else {}

@@ -55,15 +55,17 @@ class SensitivityProxy(Proxy):
     ) -> Stats:
         """Sums of the per-pair noise response and its square, of x^2, and of the bias."""
         probe = probes.unlabeled
-        response = noise_response(
-            model,
-            probe.inputs,
-            sigma=self.sigma,
-            num_draws=self.num_draws,
-            clean_outputs=outputs.unlabeled_logits,
-            batch_size=context.batch_size,
-            generator=context.generator,
-        ).double()
+        response = torch.zeros(0, 1, dtype=torch.float64)  # an empty shard responds nothing
+        if len(probe):
+            response = noise_response(
+                model,
+                probe.inputs,
+                sigma=self.sigma,
+                num_draws=self.num_draws,
+                clean_outputs=outputs.unlabeled_logits,
+                batch_size=context.batch_size,
+                generator=context.draws(probe),
+            ).double()
         stats = sum_and_count("response", response)
         stats["response_sumsq"] = response.square().sum()
         stats |= sum_and_count("x2", probe.inputs.double().square().flatten())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes
@@ -44,9 +45,13 @@ class TransitionsProxy(Proxy):
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
     ) -> Stats:
         """Sum and count of per-image transitions."""
-        # Every process takes its stride of the same first `max_images` images.
-        per_rank = max(1, self.max_images // context.world_size)
-        images = probes.unlabeled.inputs[:per_rank]
+        # The whole probe's first `max_images` images, of which this process holds every
+        # world_size-th: its rows among them come first in its shard.
+        probe = probes.unlabeled
+        mine = int((probe.row_ids < self.max_images).sum())
+        if not mine:
+            return sum_and_count("transitions", torch.zeros(0))
+        images = probe.inputs[:mine]
         return sum_and_count("transitions", self._count(model, images, context.batch_size))
 
     def finalize(self, stats: Stats) -> dict[str, float]:

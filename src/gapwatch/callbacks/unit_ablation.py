@@ -159,6 +159,8 @@ class AblationProxy(Proxy):
         if self.layer is None:
             self.layer = default_layer(model, probes.train.inputs[:2].to(device))
             rank_zero_info(f"gapwatch: unit ablation uses layer {self.layer!r}.")
+        else:
+            _refuse_output_layer(model, self.layer, probes.train.inputs[:2].to(device))
         self.num_classes = num_outputs
         self.probe: Probe = probes.train
         self.split: LayerSplit = self._cut(model)
@@ -282,6 +284,27 @@ class AblationProxy(Proxy):
     def artifacts(self) -> dict[str, object]:
         """The latest ablation curves of this process's classes, for a figure."""
         return {} if self.last_result is None else {"ablation_curves": self.last_result}
+
+
+def _refuse_output_layer(model: nn.Module, layer: str, inputs: Tensor) -> None:
+    """Raise if ``layer``'s output is the model's: ablating logits measures nothing of Zhao's."""
+    seen: list[Any] = []
+    try:
+        module = model.get_submodule(layer)
+    except AttributeError:
+        return  # split_model names the valid paths
+    handle = module.register_forward_hook(lambda _m, _a, output: seen.append(output))
+    try:
+        with evaluation(model), torch.no_grad():
+            output = model(inputs)
+    finally:
+        handle.remove()
+    if any(out is output for out in seen):
+        raise ValueError(
+            f"`layer={layer!r}` is the model's output layer: ablating its units removes "
+            "classes, not hidden units. Pick a hidden layer before the classifier, or leave "
+            "`layer=None` to take the last one."
+        )
 
 
 def _parts(model: nn.Module) -> list[int]:
