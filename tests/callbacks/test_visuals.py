@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -170,6 +171,11 @@ def test_csv_logger_alone_writes_scalars_and_correlations_quietly(tmp_path, capl
     assert {"gapwatch/sensitivity", "gapwatch/corr/sensitivity"} <= set(columns)
     # The fit-end table: one line per proxy with its final value and correlation.
     [table] = [r.message for r in caplog.records if r.message.startswith("gapwatch after 3")]
+    # ... and what monitoring cost: its seconds and their share of the fit's.
+    cost = table.splitlines()[-1]
+    assert re.fullmatch(r"gapwatch took \d+\.\d s of the fit's \d+\.\d s \(\d+\.\d%\), "
+                        r"3 evaluations and the set-up\.", cost), cost  # fmt: skip
+    assert max(map(len, table.splitlines())) <= 100
     final = monitor.history[-1]
     for proxy in proxy_names(final):
         tau = final.get(f"corr/{proxy}")

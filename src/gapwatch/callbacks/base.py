@@ -25,8 +25,8 @@ stale value. Probe sets are set up in :mod:`gapwatch.callbacks._setup`.
 
 from __future__ import annotations
 
-import math
 import textwrap
+import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -35,8 +35,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from gapwatch.callbacks import _setup
-from gapwatch.callbacks._distributed import gather_shards, reduce_stats
+from gapwatch.callbacks import _publishing, _setup
+from gapwatch.callbacks._distributed import reduce_stats
 from gapwatch.callbacks._drawing import BatchCollector, is_stream, read_stream
 from gapwatch.callbacks._loss import LossProxy
 from gapwatch.callbacks._probes import Probe, Probes, Role, split_batch
@@ -57,6 +57,10 @@ from gapwatch.tensorboard import (
     summary_table,
     tensorboard_logger,
 )
+
+#: The callback's own settings in the hparams entry (beside each proxy's).
+SETTINGS = ("every_n_epochs", "every_n_train_steps", "probe_size", "batch_size", "heldout",
+            "model_attr", "seed", "figures_every_n_evaluations", "train_stream")  # fmt: skip
 
 HeldOut = Literal["val", "test", "none"]
 TrainStream = Literal["batches", "reread"]
@@ -154,6 +158,7 @@ class ProbeCallback(Callback):
         self._warned_nonfinite = False
         self._checks = Checks()
         self._num_outputs = 1
+        self._fit_started, self._seconds = time.perf_counter(), 0.0  # what monitoring cost
         self._collector: BatchCollector | None = None  # the train probe of a stream
 
     @property
@@ -199,6 +204,7 @@ class ProbeCallback(Callback):
                 "the proxies), or give each callback its own `prefix=`."
             )
         if stage == "fit":
+            self._fit_started, self._seconds = time.perf_counter(), 0.0
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
             self._collector = None
@@ -289,7 +295,7 @@ class ProbeCallback(Callback):
             self._visuals.finish(self._settings(), self.history)
             self._visuals = None
         if self.history:
-            rank_zero_info(summary_table(self.history))
+            rank_zero_info(summary_table(self.history) + "\n" + self._cost())
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the curves without a second step 0."""
@@ -302,8 +308,18 @@ class ProbeCallback(Callback):
 
     # -- internals ---------------------------------------------------------------------
 
+    def _cost(self) -> str:
+        return _publishing.cost(self._seconds, self._fit_started, len(self.history))
+
     def _prepare(self, trainer: Trainer, pl_module: LightningModule, train: Probe) -> None:
         """Draw the held-out probe, set the proxies up, and keep this process's shards."""
+        started = time.perf_counter()
+        try:
+            self._prepare_timed(trainer, pl_module, train)
+        finally:
+            self._seconds += time.perf_counter() - started
+
+    def _prepare_timed(self, trainer: Trainer, pl_module: LightningModule, train: Probe) -> None:
         heldout = _setup.draw_heldout(
             trainer, pl_module, self.heldout, self.probe_size, self.seed, self.split_batch
         )
@@ -343,6 +359,14 @@ class ProbeCallback(Callback):
         if self._probes is None or trainer.global_step == self._done_at or step == self.last_step:
             return
         self._done_at = trainer.global_step
+        started = time.perf_counter()
+        try:
+            self._evaluate_now(trainer, pl_module, step)
+        finally:
+            self._seconds += time.perf_counter() - started
+
+    def _evaluate_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        assert self._probes is not None  # `_evaluate` checked
         model = self.get_model(pl_module)
         context = Context(
             generator=torch.Generator(device=pl_module.device).manual_seed(self.seed),
@@ -370,45 +394,19 @@ class ProbeCallback(Callback):
                 self._visuals.update(self.history, artifacts, step)
 
     def _artifacts(self, trainer: Trainer) -> dict[str, object]:
-        """Every proxy's artifacts, with per-sample values from every process.
-
-        A histogram of this process's shard alone would show a subsample of the probe.
-        The ablation curves are per class and stay this process's classes.
-        """
-        artifacts = {k: v for p in self._active for k, v in p.artifacts().items()}
-        if trainer.world_size > 1:
-            for name in sorted(artifacts):  # the same order on every process
-                value = artifacts[name]
-                if isinstance(value, Tensor):
-                    artifacts[name] = gather_shards(trainer, value)
-        return artifacts
+        return _publishing.artifacts(trainer, self._active)
 
     def _settings(self) -> dict[str, Any]:
-        """The primitive settings of this callback and its proxies, for the hparams entry."""
-        names = ("every_n_epochs", "every_n_train_steps", "probe_size", "batch_size",
-                 "heldout", "model_attr", "seed", "figures_every_n_evaluations")  # fmt: skip
-        settings = {name: getattr(self, name) for name in names}
-        for proxy in self.proxies:
-            owner = type(proxy).__name__.removesuffix("Proxy").lower()
-            settings |= {
-                f"{owner}.{name}": value
-                for name, value in vars(proxy).items()
-                if not name.startswith("_") and isinstance(value, (bool, int, float, str))
-            }
-        return {self.prefix + name: value for name, value in settings.items()}
+        return _publishing.settings(self, SETTINGS, self.proxies, self.prefix)
 
     def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-        named = {self.prefix + name: value for name, value in metrics.items()}
-        bad = sorted(name for name, value in named.items() if not math.isfinite(value))
-        if bad and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            rank_zero_warn(f"gapwatch: non-finite values at step {step} for {bad}; logged as is.")
-        for logger in trainer.loggers:
-            logger.log_metrics(named, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in named.items()})
+        first = not self.history
+        self._warned_nonfinite |= _publishing.publish(
+            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite
+        )
         self.history.append({"step": float(step), **metrics})
         self.last_step = step
-        if len(self.history) == 1:
+        if first:
             names = ", ".join(sorted(metrics))
             rank_zero_info(textwrap.fill(f"gapwatch logs {self.prefix}{{{names}}}", width=100))
 
