@@ -160,3 +160,31 @@ def test_kappa_defaults_to_eq_5_and_a_bad_choice_names_the_options():
     for make in (UnitAblation, GeneralizationMonitor):
         with pytest.raises(ValueError, match=message):
             make(kappa="signed")
+
+
+def test_ablation_memory_is_bounded_by_batch_size_not_probe_size(digits):
+    from gapwatch.callbacks._probes import Probe, Probes
+    from gapwatch.callbacks._proxy import Context, Outputs
+    from gapwatch.callbacks.unit_ablation import AblationProxy
+    from gapwatch.demo import DigitsClassifier
+    from tests.functional.test_memory import torch_cpu_peak
+
+    x, y = (t.cpu() for t in digits)
+    x, y = x.repeat(3, 1, 1, 1), y.repeat(3)  # 5391 real digits, each three times
+    model = DigitsClassifier(width=8).eval()
+
+    def peak(size: int) -> tuple[int, int]:
+        proxy = AblationProxy(layer="net.5", max_classes=10)
+        probes = Probes(heldout=None, train=Probe(x[:size], y[:size]))
+        proxy.setup(model, probes, 10)
+        context = Context(torch.Generator(), batch_size=128)
+        outputs = Outputs(None, torch.zeros(size, 10))
+        with torch.no_grad():
+            held = torch_cpu_peak(lambda: proxy.statistics(model, probes, outputs, context))
+        activation = model.net[:6](x[:1]).numel() * 4  # bytes of one sample's activation
+        return held, activation
+
+    small, per_sample = peak(512)
+    large, _ = peak(4096)
+    # Keeping the layer's activation of every probe row would add 3584 rows of it.
+    assert large - small < 0.1 * (4096 - 512) * per_sample, (small, large, per_sample)

@@ -7,6 +7,7 @@ from torch import nn
 from gapwatch.functional.ablation import (
     UnbatchableSplitError,
     ablation_from_activations,
+    ablation_in_chunks,
     ablation_summary,
     split_model,
     unit_ablation,
@@ -534,3 +535,14 @@ def test_layer_used_twice_is_rejected():
                 num_classes=4,
                 method=method,
             )
+
+
+def test_ablation_in_chunks_equals_the_whole_capture(trained_mlp, digits):
+    x, y = subset(*digits, classes=range(10), per_class=30)
+    whole = unit_ablation(trained_mlp, "2", x, y, num_classes=10, batch_size=None)
+    split = split_model(trained_mlp, "2")
+    chunked = ablation_in_chunks(split, x, y, num_classes=10, classes=range(10), batch_size=37)
+    torch.testing.assert_close(chunked.curves, whole.curves)
+    torch.testing.assert_close(chunked.curves_reversed, whole.curves_reversed)
+    torch.testing.assert_close(chunked.zeta, whole.zeta)
+    torch.testing.assert_close(chunked.kappa, whole.kappa)

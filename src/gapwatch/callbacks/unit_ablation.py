@@ -31,12 +31,17 @@ from gapwatch.functional.ablation import (
     KappaMethod,
     LayerSplit,
     ablation_from_activations,
+    ablation_in_chunks,
     ablation_summary,
     split_model,
 )
 
 #: Seconds an ablation runs before its progress bar appears.
 PROGRESS_DELAY = 2.0
+#: The layer's activation is kept for at most this many chunks of rows: a larger probe is
+#: ablated chunk by chunk (two more prefix passes), so that memory stays bounded by
+#: ``batch_size`` whatever ``probe_size`` is.
+KEPT_CHUNKS = 4
 
 # Modules whose output is not a layer of units worth ablating.
 _PASS_THROUGH = (
@@ -181,6 +186,8 @@ class AblationProxy(Proxy):
         if role != "train" or context.world_size > 1:
             return None
         keep = torch.isin(self._targets, self._classes(context))
+        if int(keep.sum()) > KEPT_CHUNKS * context.batch_size:
+            return None  # too many rows to keep their activation: `statistics` streams them
         split = self._split_of(model)
         activation, live, logits = split.run(
             probes.train.inputs, batch_size=context.batch_size, keep=keep
@@ -202,6 +209,17 @@ class AblationProxy(Proxy):
             return stats
         keep = torch.isin(targets, mine)
         split = self._split_of(model)
+        if captured is None and int(keep.sum()) > KEPT_CHUNKS * context.batch_size:
+            result = ablation_in_chunks(
+                split,
+                self.probe.inputs[keep],
+                targets[keep],
+                num_classes=self.num_classes,
+                classes=mine.tolist(),
+                batch_size=context.batch_size,
+                kappa=self.kappa,
+            )
+            return self._stats(stats, result)
         if captured is None:
             inputs = self.probe.inputs[keep]
             activation, live = split.capture(inputs, batch_size=context.batch_size)
@@ -237,6 +255,9 @@ class AblationProxy(Proxy):
             classes=mine.to(activation.device),
             kappa=self.kappa,
         )
+        return self._stats(stats, result)
+
+    def _stats(self, stats: Stats, result: AblationResult) -> Stats:
         self.last_result = result
         stats["zeta_sum"] = result.zeta_per_class.double().sum().cpu()
         stats["kappa_sum"] = result.kappa_per_class.double().sum().cpu()

@@ -522,12 +522,35 @@ def _ablate_class(
     batch_size: int | None,
 ) -> Tensor:
     """``[2, M+1]``: ``E`` and ``E_r`` on the samples of one class (all labelled ``label``)."""
+    rank = _ranks(_activity(activations).mean(0))
+    hits = _class_hits(suffix, activations, live, rank, label, num_classes, batch_size)
+    return hits.view(2, -1).float() / activations.shape[0]
+
+
+def _activity(activations: Tensor) -> Tensor:
+    """``[n, M]``: each unit's L1 activation per sample (summed over a map's positions)."""
+    num, units = activations.shape[:2]
+    return activations.abs().reshape(num, units, -1).sum(2)
+
+
+def _ranks(score: Tensor) -> Tensor:
+    """``[2, M]``: each unit's position when removing the most (0) or least (1) active first."""
+    orders = [score.argsort(descending=True, stable=True), score.argsort(stable=True)]
+    return torch.stack(orders).argsort(1)
+
+
+def _class_hits(
+    suffix: Suffix,
+    activations: Tensor,
+    live: tuple[Tensor, ...],
+    rank: Tensor,
+    label: int,
+    num_classes: int,
+    batch_size: int | None,
+) -> Tensor:
+    """``[2 (M+1)]``: correct predictions of class ``label``'s rows at every ablation level."""
     num, units = activations.shape[:2]
     levels = units + 1
-    score = activations.abs().reshape(num, units, -1).sum(2).mean(0)
-    # rank[o, u]: position of unit u in ranking o (0: most active first, 1: least active).
-    orders = [score.argsort(descending=True, stable=True), score.argsort(stable=True)]
-    rank = torch.stack(orders).argsort(1)
     # A chunk is a block of ablation steps times a block of samples: the masked copies are
     # a broadcast of the activations against the steps' masks, with no gather. Multiplying
     # by a 0/1 mask is several times faster than `torch.where`, and the same unless a
@@ -556,7 +579,77 @@ def _ablate_class(
             correct = (logits.argmax(1) == label).double()
             correct.masked_fill_(logits.isnan().any(1), math.nan)
             hits[steps] += correct.view(len(step), -1).sum(1)
-    return hits.view(2, levels).float() / num
+    return hits
+
+
+def ablation_in_chunks(
+    split: LayerSplit,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    num_classes: int,
+    classes: Sequence[int],
+    chance: float | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    kappa: KappaMethod = "paper",
+) -> AblationResult:
+    """Cumulative unit ablation (eqs. 1-6) holding one chunk's activation at a time.
+
+    :func:`ablation_from_activations` needs the layer's activation of every sample at once,
+    which grows with the number of samples. Here the prefix runs twice over the inputs,
+    ``batch_size`` rows at a time: the first pass sums each class's unit activity (the
+    ranking of eq. 1), the second ablates each chunk's rows at every level and counts
+    correct predictions per class. Extra memory is bounded by ``batch_size``, not by N.
+
+    Args:
+        split: The model split at the ablated layer (:func:`split_model`).
+        inputs: ``[N, ...]`` inputs on any device.
+        targets: ``[N]`` integer labels.
+        num_classes: Number of classes ``K``.
+        classes: Class ids to evaluate; each must have samples.
+        chance: Chance accuracy for eq. 2 (default ``1 / num_classes``).
+        batch_size: Rows per prefix pass, and per suffix call.
+        kappa: ``"paper"`` or ``"authors"``; see :func:`ablation_summary`.
+
+    Returns:
+        The :class:`AblationResult`, as :func:`ablation_from_activations` gives it up to
+        the float rounding of the activity sums.
+    """
+    check_inputs(inputs, floating=False)
+    check_targets(targets, inputs.shape[0])
+    check_positive("batch_size", batch_size, integer=True)
+    check_choice("kappa", kappa, _KAPPA_METHODS)
+    ids = list(classes)
+    activity: Tensor | None = None
+    for rows in chunks(inputs.shape[0], batch_size):
+        activation, _ = split.capture(inputs[rows], batch_size=None)
+        labels = targets[rows].to(activation.device)
+        part = _activity(activation.float()).double()
+        if activity is None:
+            activity = part.new_zeros((len(ids), part.shape[1]))
+        for i, label in enumerate(ids):
+            activity[i] += part[labels == label].sum(0)
+    assert activity is not None  # inputs has rows
+    ranks = [_ranks(score.float()) for score in activity]
+    hits = activity.new_zeros((len(ids), 2 * (activity.shape[1] + 1)))
+    for rows in chunks(inputs.shape[0], batch_size):
+        activation, live = split.capture(inputs[rows], batch_size=None)
+        labels = targets[rows].to(activation.device)
+        for i, label in enumerate(ids):
+            members = labels == label
+            if bool(members.any()):
+                values = tuple(v[members] for v in live)
+                hits[i] += _class_hits(
+                    split.suffix, activation[members].float(), values, ranks[i], label,
+                    num_classes, batch_size,
+                )  # fmt: skip
+    counts = torch.stack([(targets == label).sum() for label in ids]).to(hits)
+    curves = (hits / counts[:, None]).float().view(len(ids), 2, -1)
+    chance = 1.0 / num_classes if chance is None else chance
+    ids_tensor = torch.tensor(ids, device=curves.device)
+    return ablation_summary(
+        curves[:, 0], curves[:, 1], chance=chance, classes=ids_tensor, kappa=kappa
+    )
 
 
 def ablation_from_activations(
