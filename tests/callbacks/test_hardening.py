@@ -346,7 +346,7 @@ BAD_SETUPS = [
         _classifier,
         lambda: _Digits(_values),
         TypeError,
-        r"regression targets",
+        r"reads the labels as class indices.*integer labels",
     ),
 ]
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from gapwatch import JacobianNorm
+from gapwatch.callbacks._proxy import Context
 from gapwatch.functional import jacobian_norm
 
 from .conftest import fit
@@ -36,6 +37,6 @@ def test_the_jacobian_pass_gives_the_probe_logits_to_the_other_metrics(tmp_path,
         with torch.no_grad():
             test_loss = F.cross_entropy(model(probes.heldout.inputs), probes.heldout.targets)
         assert final["test_loss"] == pytest.approx(test_loss.item(), rel=1e-5)
-    generator = torch.Generator(device=device).manual_seed(callback.seed)  # as the callback's
-    expected = jacobian_norm(model, probes.unlabeled.inputs, generator=generator)
+    draws = Context(torch.Generator(), 1, seed=callback.seed).draws(probes.unlabeled)
+    expected = jacobian_norm(model, probes.unlabeled.inputs, generator=draws)
     assert final["jacobian_norm"] == pytest.approx(expected.item(), rel=1e-5)

@@ -79,22 +79,24 @@ def _rows_into_first_layer(tmp_path, monitor: GeneralizationMonitor) -> list[int
 def test_one_clean_forward_per_probe_shared_by_loss_sensitivity_and_normalized_loss(tmp_path):
     monitor = GeneralizationMonitor(jacobian=False, ablation=False, probe_size=100, batch_size=1000)
     rows = _rows_into_first_layer(tmp_path, monitor)
-    # The setup check's 2 rows; at step 0 and at the epoch's end one clean pass over each
+    # The setup checks' 2 rows each (the number of outputs, whether they are probabilities);
+    # at step 0 and at the epoch's end one clean pass over each
     # probe (held-out 100, train 100) and one noisy pass (100), nothing else; between them
     # 3 training batches of 64, and the validation batch of 256 last.
     evaluation = [100, 100, 100]
-    assert rows == [2, *evaluation, 64, 64, 64, *evaluation, 256]
+    assert rows == [2, 2, *evaluation, 64, 64, 64, *evaluation, 256]
 
 
 def test_jacobian_and_ablation_run_the_shared_passes_that_their_work_starts_with(tmp_path):
     monitor = GeneralizationMonitor(probe_size=100, batch_size=1000)
     rows = _rows_into_first_layer(tmp_path, monitor)
-    # Setup: 2 rows each to count the outputs, find the ablation layer and check its
-    # shape. Each evaluation: the Jacobian's pass over the held-out probe (which gives its
-    # clean logits too), the train probe's pass that keeps the ablation layer, and the
-    # noisy pass of the sensitivity: three passes of 100 rows, nothing else.
+    # Setup: 2 rows each to count the outputs, to see whether they are probabilities, to
+    # find the ablation layer and to check its shape. Each evaluation: the Jacobian's
+    # pass over the held-out probe (which gives its clean logits too), the train probe's
+    # pass that keeps the ablation layer, and the noisy pass of the sensitivity: three
+    # passes of 100 rows, nothing else.
     evaluation = [100, 100, 100]
-    assert rows == [2, 2, 2, *evaluation, 64, 64, 64, *evaluation, 256]
+    assert rows == [2, 2, 2, 2, *evaluation, 64, 64, 64, *evaluation, 256]
     assert {"jacobian_norm", "ablation_zeta", "test_loss", "train_loss"} <= set(monitor.history[-1])
 
 

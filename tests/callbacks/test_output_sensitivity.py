@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from gapwatch import OutputSensitivity
+from gapwatch.callbacks._proxy import Context
 from gapwatch.functional import output_sensitivity, predicted_test_loss
 from gapwatch.functional.sensitivity import input_second_moment, softmax_mse
 
@@ -25,10 +26,8 @@ def test_losses_and_sensitivity(tmp_path, device):
     )
     train_acc = (train.argmax(1) == probes.train.targets).float().mean().item()
     assert final["train_acc"] == pytest.approx(train_acc)
-    generator = torch.Generator(device=device).manual_seed(callback.seed)  # as the callback's
-    s = output_sensitivity(
-        model, probes.heldout.inputs, sigma=0.2, num_draws=3, generator=generator
-    )
+    draws = Context(torch.Generator(), 1, seed=callback.seed).draws(probes.heldout)
+    s = output_sensitivity(model, probes.heldout.inputs, sigma=0.2, num_draws=3, generator=draws)
     assert final["sensitivity"] == pytest.approx(s.item(), rel=1e-4)
     x2 = input_second_moment(probes.heldout.inputs)
     bias = softmax_mse(train, probes.train.targets)
