@@ -73,12 +73,8 @@ class LossProxy(Proxy):
     ) -> Stats:
         """Per-probe sums of loss and correct predictions."""
         stats: Stats = {}
-        pairs = [("train", probes.train, outputs.train_logits)]
-        if probes.heldout is not None and outputs.heldout_logits is not None:
-            pairs.append(("test", probes.heldout, outputs.heldout_logits))
-        for role, probe, logits in pairs:
-            if probe.targets is None:
-                continue
+        for role, probe, logits in outputs.labelled(probes):
+            assert probe.targets is not None  # for the type checker
             loss, correct = self._per_sample(logits, probe.targets)
             stats |= sum_and_count(f"{role}_loss", loss)
             if correct is not None:

@@ -106,6 +106,13 @@ class Outputs:
     heldout_logits: Tensor | None
     train_logits: Tensor
 
+    def labelled(self, probes: Probes) -> list[tuple[str, Probe, Tensor]]:
+        """``(name, probe, logits)`` of each probe with targets: ``"train"``, then ``"test"``."""
+        pairs = [("train", probes.train, self.train_logits)]
+        if probes.heldout is not None and self.heldout_logits is not None:
+            pairs.append(("test", probes.heldout, self.heldout_logits))
+        return [(name, probe, logits) for name, probe, logits in pairs if probe.targets is not None]
+
     @property
     def unlabeled_logits(self) -> Tensor:
         """Logits of ``Probes.unlabeled``: held-out if there is a held-out probe."""

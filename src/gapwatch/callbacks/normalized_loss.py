@@ -103,12 +103,8 @@ class NormalizedLossProxy(Proxy):
             "log_norm_product_sum": log_rho,
             "log_norm_product_count": torch.ones((), dtype=torch.float64),
         }
-        pairs = [("train", probes.train, outputs.train_logits)]
-        if probes.heldout is not None and outputs.heldout_logits is not None:
-            pairs.append(("test", probes.heldout, outputs.heldout_logits))
-        for role, probe, logits in pairs:
-            if probe.targets is None:
-                continue
+        for role, probe, logits in outputs.labelled(probes):
+            assert probe.targets is not None  # for the type checker
             if not len(probe):  # a process's shard of a probe smaller than the world
                 stats[f"normalized_{role}_loss_sum"] = torch.zeros((), dtype=torch.float64)
                 stats[f"normalized_{role}_loss_count"] = torch.zeros((), dtype=torch.float64)
