@@ -107,8 +107,8 @@ def test_main_job_on_digits_writes_logs_and_report(tmp_path, capsys):
     assert f"gapwatch report {tmp_path}" in out
     # Piped output as a log file holds it: no carriage returns, nothing over 100 columns.
     assert "\r" not in out
-    table = out[out.index("step   ") : out.index("TensorBoard logs:")]
-    assert max(map(len, table.splitlines())) <= 100
+    printed = out[out.index("Training ran") : out.index("TensorBoard logs:")]
+    assert max(map(len, printed.splitlines())) <= 100
     # TensorBoard's HParams tab shows a run's first hparams entry: it must be gapwatch's.
     [events] = list(tmp_path.rglob("events.out.tfevents.*"))
     accumulator = EventAccumulator(str(events), size_guidance={"tensors": 0})

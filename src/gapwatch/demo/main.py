@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -157,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
         f"# gapwatch on {args.data} ({args.arch}, width {args.width})\n\n{reason}\n\n"
         f"{format_table(monitor.history, NAMES)}\n"
     )
-    print(f"\n{reason}\n\n{compact_table(monitor.history, NAMES)}\n")
+    print(f"\n{textwrap.fill(reason, width=100)}\n\n{compact_table(monitor.history, NAMES)}\n")
     print(f"TensorBoard logs: {logger.log_dir}")
     print(f"Report:           {report}")
     print(f"Open them with:   {_command('tensorboard')} --logdir {args.logdir}")
