@@ -82,8 +82,8 @@ def test_rankings_match_a_brute_force_on_a_random_sweep() -> None:
         for lr, w, n in itertools.product((0.01, 0.1), (8, 16, 32), (0.0, 0.2))
     ]
     runs = [
-        {"run": f"r{i}", "gap": g, "test_loss": l, "proxy": p}
-        for i, (g, l, p) in enumerate(generator.normal(size=(len(settings), 3)))
+        {"run": f"r{i}", "gap": g, "test_loss": loss, "proxy": p}
+        for i, (g, loss, p) in enumerate(generator.normal(size=(len(settings), 3)))
     ]
     del runs[5]["proxy"]  # a missing value leaves that run out of this proxy's numbers
     axes = varying_axes(settings)
