@@ -16,7 +16,7 @@ held-out loss) over pairs of runs:
   gaps, 1 when it orders them the other way, 1/2 on a tie of the proxy), the group's sign
   error is the mean over its pairs, and the worst case is the largest over all groups.
   The proxy is oriented so that a larger value predicts a larger gap: proxies in
-  :data:`LARGER_GENERALIZES_BETTER` (a larger margin) are negated first.
+  :data:`LARGER_GENERALIZES_BETTER` (a larger margin, a larger kappa) are negated first.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from typing import Any
 
 import numpy as np
 
-#: Proxies whose larger values go with *smaller* gaps, so the sign error negates them.
-LARGER_GENERALIZES_BETTER = frozenset({"margin_q10"})
+#: Proxies whose larger values go with *smaller* gaps, so the sign error negates them: a
+#: larger margin (Jiang et al. 2020) and a larger kappa (Zhao et al.). The others, as
+#: their papers have it, grow with the gap.
+LARGER_GENERALIZES_BETTER = frozenset({"margin_q10", "ablation_kappa"})
 
 RANKING_FIELDS = ["proxy", "runs", "tau_gap", "pairs_gap", "tau_test_loss", "pairs_test_loss",
                   "psi", "psi_axes", "psi_pairs", "worst_sign_error", "worst_group",

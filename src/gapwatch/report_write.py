@@ -169,8 +169,8 @@ def ranking_section(report: Report) -> list[str]:
         "over all pairs of runs. Psi: mean over axes of the mean tau with the gap within the "
         "groups of runs that differ in that axis only. Worst sign error: the largest share of "
         "pairs within one such group that the proxy orders against their gaps (0 is best; "
-        f"{', '.join(sorted(LARGER_GENERALIZES_BETTER))} negated, as larger values go with "
-        "smaller gaps). Pairs: how many pairs of runs each number rests on.",
+        f"{' and '.join(sorted(LARGER_GENERALIZES_BETTER))} negated, as their larger values go "
+        "with smaller gaps). Pairs: how many pairs of runs each number rests on.",
         "",
         *_table(
             [header for header, _ in RANKING_COLUMNS],
