@@ -221,12 +221,12 @@ def test_rankings_use_the_runs_hyperparameters(logdir: Path, written: Any) -> No
     settings = [{"label_noise": s["label_noise"], "width": s["width"]} for s in saved]
     for proxy, row in rankings.items():
         mu, gap = values(sweep_runs, proxy), values(sweep_runs, "gap")
-        psi, worst = brute_force(settings, report.axes, mu, gap)
+        oriented = -mu if proxy in LARGER_GENERALIZES_BETTER else mu
+        psi = brute_force(settings, report.axes, mu, gap)[0]
+        _, worst, typical = brute_force(settings, report.axes, oriented, gap)
         assert float(row["psi"]) == pytest.approx(psi, abs=1e-12), proxy
-        expected_worst = brute_force(settings, report.axes, -mu, gap)[1]
-        if proxy not in LARGER_GENERALIZES_BETTER:
-            expected_worst = worst
-        assert float(row["worst_sign_error"]) == pytest.approx(expected_worst, abs=1e-12)
+        assert float(row["worst_sign_error"]) == pytest.approx(worst, abs=1e-12)
+        assert float(row["mean_sign_error"]) == pytest.approx(typical, abs=1e-12)
         assert int(row["runs"]) == 6
         assert int(row["pairs_gap"]) == 15
         assert int(row["psi_pairs"]) == 3 * 1 + 2 * 3  # width pairs at 3 noises, noise triples

@@ -50,15 +50,20 @@ def test_granulated_psi_by_hand() -> None:
 def test_worst_sign_error_by_hand() -> None:
     groups = one_axis_groups(SETTINGS, ["A", "B"])
     # Errors: A at B=1: 1, B=2: 0, B=3: 1; B at A=1: 1/3, at A=2: 0 over 2 pairs (tie out).
-    assert worst_sign_error(MU, GAP, groups) == (1.0, "A varies (B=1; 1 pair)", 8)
+    assert worst_sign_error(MU, GAP, groups) == (
+        1.0, "A varies (B=1; 1 pair)", 8, pytest.approx(7 / 15)
+    )  # fmt: skip
     # Negated: A: 0, 1, 0; B at A=1: 2/3, at A=2: 1 over two pairs.
-    assert worst_sign_error(-MU, GAP, groups) == (1.0, "A varies (B=2; 1 pair)", 8)
+    assert worst_sign_error(-MU, GAP, groups) == (
+        1.0, "A varies (B=2; 1 pair)", 8, pytest.approx(8 / 15)
+    )  # fmt: skip
     tie = one_axis_groups([{"A": 1}, {"A": 2}], ["A"])
     assert worst_sign_error(np.array([1.0, 1.0]), np.array([0.1, 0.2]), tie)[0] == 0.5
 
 
 def brute_force(settings, axes, mu, gap):
-    """Psi and the worst sign error from every pair of runs that differ in one axis only."""
+    """Psi, the worst and the mean group sign error, from every pair of runs that differ
+    in one axis only."""
     taus: dict[str, dict[tuple, list[float]]] = {axis: {} for axis in axes}
     errors: dict[tuple, list[float]] = {}
     for i, j in itertools.combinations(range(len(mu)), 2):
@@ -72,7 +77,8 @@ def brute_force(settings, axes, mu, gap):
         if gap[i] != gap[j]:
             errors.setdefault((axis, key), []).append((1 - agree) / 2)
     psi_i = [np.mean([np.mean(v) for v in groups.values()]) for groups in taus.values() if groups]
-    return np.mean(psi_i), max(np.mean(v) for v in errors.values())
+    group_errors = [np.mean(v) for v in errors.values()]
+    return np.mean(psi_i), max(group_errors), np.mean(group_errors)
 
 
 def test_rankings_match_a_brute_force_on_a_random_sweep() -> None:
@@ -92,10 +98,11 @@ def test_rankings_match_a_brute_force_on_a_random_sweep() -> None:
     keep = [i for i in range(len(runs)) if "proxy" in runs[i]]
     mu = np.array([runs[i]["proxy"] for i in keep])
     gap = np.array([runs[i]["gap"] for i in keep])
-    psi, worst = brute_force([settings[i] for i in keep], axes, mu, gap)
+    psi, worst, typical = brute_force([settings[i] for i in keep], axes, mu, gap)
     assert row["runs"] == 11
     assert row["psi"] == pytest.approx(psi, abs=1e-12)
     assert row["worst_sign_error"] == pytest.approx(worst, abs=1e-12)
+    assert row["mean_sign_error"] == pytest.approx(typical, abs=1e-12)
     # Without ties, Jiang's tau is scipy's tau-b.
     assert row["tau_gap"] == pytest.approx(scipy.stats.kendalltau(mu, gap)[0], abs=1e-12)
     assert row["pairs_gap"] == 55

@@ -293,7 +293,8 @@ def _ranking_lines(report: Report) -> list[str]:
     for row in sorted(ranked, key=lambda row: -abs(row["psi"])):
         lines.append(
             f"  {row['proxy']:<26} Psi {row['psi']:+.3f} ({row['psi_pairs']} pairs), "
-            f"tau {row['tau_gap']:+.3f} ({row['pairs_gap']}), worst sign error "
-            f"{row['worst_sign_error']:.2f} ({row['sign_error_pairs']})"
+            f"tau {row['tau_gap']:+.3f} ({row['pairs_gap']}), sign error worst "
+            f"{row['worst_sign_error']:.2f}, mean {row['mean_sign_error']:.2f} "
+            f"({row['sign_error_pairs']})"
         )
     return lines

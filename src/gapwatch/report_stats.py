@@ -36,7 +36,7 @@ LARGER_GENERALIZES_BETTER = frozenset({"margin_q10", "ablation_kappa"})
 
 RANKING_FIELDS = ["proxy", "runs", "tau_gap", "pairs_gap", "tau_test_loss", "pairs_test_loss",
                   "psi", "psi_axes", "psi_pairs", "worst_sign_error", "worst_group",
-                  "sign_error_pairs"]  # fmt: skip
+                  "mean_sign_error", "sign_error_pairs"]  # fmt: skip
 
 
 def kendall_pairs(mu: np.ndarray, g: np.ndarray) -> tuple[float, int]:
@@ -99,15 +99,16 @@ def granulated(
 
 def worst_sign_error(
     mu: np.ndarray, g: np.ndarray, groups: dict[str, list[tuple[str, list[int]]]]
-) -> tuple[float, str, int]:
-    """``(worst group's sign error, its label, pairs over all groups)``.
+) -> tuple[float, str, int, float]:
+    """``(worst group's sign error, its label, pairs over all groups, mean over groups)``.
 
     Pairs with equal gaps are left out (their order is no prediction), and so is a group
-    with no other pair.
+    with no other pair. The mean over groups says how typical the worst case is: with
+    one pair per group (two values per axis, one seed) the worst case is 0 or 1.
 
     ``mu`` must already be oriented (larger predicts a larger gap).
     """
-    worst, label, total = math.nan, "", 0
+    worst, label, total, means = math.nan, "", 0, []
     for axis, members in groups.items():
         for fixed, rows in members:
             errors = [
@@ -116,11 +117,12 @@ def worst_sign_error(
                 if g[i] != g[j]
             ]
             total += len(errors)
+            means += [float(np.mean(errors))] if errors else []
             if errors and not float(np.mean(errors)) <= worst:  # NaN at first
                 worst = float(np.mean(errors))
                 pairs = f"{len(errors)} pair{'s' if len(errors) > 1 else ''}"
                 label = f"{axis} varies ({fixed}; {pairs})"
-    return worst, label, total
+    return worst, label, total, float(np.mean(means)) if means else math.nan
 
 
 def rankings(
@@ -157,8 +159,9 @@ def rankings(
         row["psi_axes"] = len(per_axis)
         row |= {f"psi_{axis}": per_axis.get(axis, math.nan) for axis in axes}
         oriented = -mu if proxy in LARGER_GENERALIZES_BETTER else mu
-        error, group, pairs = worst_sign_error(oriented, gap, groups)
-        row |= {"worst_sign_error": error, "worst_group": group, "sign_error_pairs": pairs}
+        error, group, pairs, typical = worst_sign_error(oriented, gap, groups)
+        row |= {"worst_sign_error": error, "worst_group": group, "sign_error_pairs": pairs,
+                "mean_sign_error": typical}  # fmt: skip
         table.append(row)
     return table
 

@@ -20,7 +20,8 @@ from gapwatch.tensorboard import HELDOUT_LOSS
 RANKING_COLUMNS = [("proxy", "proxy"), ("tau gap", "tau_gap"), ("pairs", "pairs_gap"),
                    ("tau test_loss", "tau_test_loss"), ("pairs", "pairs_test_loss"),
                    ("Psi", "psi"), ("axes", "psi_axes"), ("pairs", "psi_pairs"),
-                   ("worst sign error", "worst_sign_error"), ("pairs", "sign_error_pairs"),
+                   ("worst sign error", "worst_sign_error"), ("mean", "mean_sign_error"),
+                   ("pairs", "sign_error_pairs"),
                    ("worst group", "worst_group")]  # fmt: skip
 
 
@@ -168,7 +169,8 @@ def ranking_section(report: Report) -> list[str]:
         f"{', '.join(report.axes) or 'none vary'}. tau: mean of sign(d proxy) * sign(d target) "
         "over all pairs of runs. Psi: mean over axes of the mean tau with the gap within the "
         "groups of runs that differ in that axis only. Worst sign error: the largest share of "
-        "pairs within one such group that the proxy orders against their gaps (0 is best; "
+        "pairs within one such group that the proxy orders against their gaps (0 is best), mean: "
+        "its average over the groups ("
         f"{' and '.join(sorted(LARGER_GENERALIZES_BETTER))} negated, as their larger values go "
         "with smaller gaps). Pairs: how many pairs of runs each number rests on.",
         "",
