@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from gapwatch.report import Report, _rank
+from gapwatch.report import Report, _rank, write_report
 from gapwatch.report_stats import (
     granulated,
     kendall_pairs,
@@ -130,3 +130,17 @@ def test_runs_that_cannot_be_ranked_are_listed(tmp_path: Path) -> None:
     }
     assert report.rankings[0]["runs"] == 3
     assert report.rankings[0]["psi"] == pytest.approx(1 / 3)  # pairs: +1, +1, -1
+
+
+def test_non_finite_final_values_are_listed_and_left_out(tmp_path: Path) -> None:
+    runs = [{"run": r, "gap": g, "p": p} for r, g, p in
+            [("a", 0.1, 1.0), ("b", 0.2, math.nan), ("c", 0.3, 3.0), ("d", 0.4, 2.0)]]  # fmt: skip
+    hparams = [{"width": w} for w in (8, 16, 32, 64)]
+    report = Report(tmp_path, "gapwatch/", ["gap", "p"], runs, [], None, hparams)
+    _rank(report, ["p"], None)
+    assert report.nonfinite == {"b": ["p"]}
+    assert report.rankings[0]["runs"] == 3
+    assert report.rankings[0]["psi"] == pytest.approx(1 / 3)  # a-c +1, a-d +1, c-d -1
+    markdown = write_report(report, tmp_path / "out")[0].read_text()
+    assert "## Runs whose final values are not finite" in markdown
+    assert "- `b`: p" in markdown

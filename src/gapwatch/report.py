@@ -86,6 +86,15 @@ class Report:
         gaps = {row["run"]: [m for m in self.metrics if m not in row] for row in self.runs}
         return {run: names for run, names in gaps.items() if names}
 
+    @property
+    def nonfinite(self) -> dict[str, list[str]]:
+        """``{run: metrics whose final value is NaN or infinite}``; no statistic uses them."""
+        bad = {
+            row["run"]: [m for m in self.metrics if m in row and not math.isfinite(row[m])]
+            for row in self.runs
+        }
+        return {run: names for run, names in bad.items() if names}
+
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson's r; NaN when either side is constant."""
@@ -254,6 +263,8 @@ def summarize(report: Report) -> str:
     lines = [f"Read {len(report.runs)} runs below {report.logdir}."]
     if report.missing:
         lines.append(f"{len(report.missing)} runs lack some metrics: see report.md.")
+    if report.nonfinite:
+        lines.append(f"{len(report.nonfinite)} runs end with NaN or inf values: see report.md.")
     for target in TARGETS:
         key = f"kendall_{target}"
         ranked = [row for row in report.correlations if math.isfinite(row[key])]

@@ -154,6 +154,9 @@ def _markdown(report: Report, plots: dict[str, Path]) -> str:
     if report.missing:
         lines += ["", "## Runs with missing metrics", ""]
         lines += [f"- `{run}`: {', '.join(names)}" for run, names in report.missing.items()]
+    if report.nonfinite:
+        lines += ["", "## Runs whose final values are not finite (left out of each statistic)", ""]
+        lines += [f"- `{run}`: {', '.join(names)}" for run, names in report.nonfinite.items()]
     if plots:
         lines += ["", "## Plots", ""]
         lines += [f"![{name}]({path.name})" for name, path in plots.items()]
