@@ -99,7 +99,7 @@ def sweep(
         widths: CNN widths (channels of the first convolution).
         noises: Shares of corrupted training labels.
         lrs: SGD learning rates; by default 0.02 and 0.1 on digits, 0.01 and 0.05 on
-            MNIST-5k (0.1 collapsed half the MNIST runs to constant outputs; 0.05 still
+            MNIST-5k (0.1 collapsed three of the four MNIST runs to constant outputs; 0.05 still
             collapses three of the four with 4 epochs, which the report lists).
         epochs: Training epochs per run.
         probe_size: Samples in each gapwatch probe set.
