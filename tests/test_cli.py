@@ -32,6 +32,7 @@ def test_report_command_writes_into_logdir_by_default(logdir: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"Read 3 runs below {logdir}." in done.stdout
     assert "Best rank agreement with test_loss:" in done.stdout
+    assert "Granulated Kendall Psi with the gap over label_noise:" in done.stdout
     assert "No gap fit: it needs" in done.stdout  # three runs are too few for eq. 7
     out = logdir / "gapwatch-report"
     for name in ("report.md", "runs.csv", "correlations.csv", "sensitivity.png"):

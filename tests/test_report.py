@@ -6,12 +6,14 @@ import csv
 import importlib.util
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import scipy.stats
+import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from matplotlib.image import imread
 
@@ -25,7 +27,10 @@ from gapwatch.report import (
     pearson,
     write_report,
 )
+from gapwatch.report_runs import hyperparameters
+from gapwatch.report_stats import LARGER_GENERALIZES_BETTER
 from tests.callbacks.conftest import fit, read_scalars
+from tests.test_report_stats import brute_force
 
 SWEEP_SCRIPT = Path(__file__).parents[1] / "examples" / "sweep_digits.py"
 TINY = {
@@ -36,12 +41,13 @@ TINY = {
     "limit_train_batches": 4,
     "limit_val_batches": 1,
     "log_every_n_steps": 1,
+    "every_n_epochs": 1,
     "figures_every_n_evaluations": 1000,  # figures at step 0 only: they dominate the time
 }
 PROXIES = {
     "ablation_kappa", "ablation_zeta", "bias_fraction", "jacobian_norm", "log_norm_product",
     "normalized_test_loss", "normalized_train_loss", "predicted_test_loss",
-    "predicted_test_loss_bias", "sensitivity",
+    "predicted_test_loss_bias", "sensitivity", "margin_q10", "distance_from_init",
 }  # fmt: skip
 MEASURED = ["test_loss", "gap", "test_acc", "train_acc", "train_loss"]
 
@@ -51,7 +57,7 @@ def tiny_sweep(logdir: Path, widths: tuple[int, ...], noises: tuple[float, ...])
     spec = importlib.util.spec_from_file_location("sweep_digits", SWEEP_SCRIPT)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.sweep(logdir, widths=widths, noises=noises, **TINY)
+    return module.sweep(logdir, widths=widths, noises=noises, lrs=(0.05,), **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,13 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     tiny_sweep(root, widths=(4, 16), noises=(0.0, 0.5, 1.0))
     monitor = GeneralizationMonitor(
-        sensitivity=False, jacobian=False, normalized_loss=False, ablation=False, probe_size=64
+        sensitivity=False,
+        jacobian=False,
+        normalized_loss=False,
+        ablation=False,
+        margin=False,
+        distance_from_init=False,
+        probe_size=64,
     )
     logger = TensorBoardLogger(root, name="losses_only")
     fit(root, [monitor], logger=logger, max_epochs=1, limit_train_batches=4, log_every_n_steps=1)
@@ -94,9 +106,10 @@ def table_rows(markdown: str, title: str) -> list[list[str]]:
 
 def test_runs_table_holds_the_final_value_of_every_metric(logdir: Path, written: Any) -> None:
     _, paths = written
-    assert [p.name for p in paths[:3]] == ["report.md", "runs.csv", "correlations.csv"]
+    names = ["report.md", "runs.csv", "correlations.csv", "rankings.csv"]
+    assert [p.name for p in paths[:4]] == names
     rows = read_csv(paths[1])
-    expected = [f"w{w}_noise{n}/version_0" for w in (4, 16) for n in (0.0, 0.5, 1.0)]
+    expected = [f"w{w}_noise{n}_lr0.05/version_0" for w in (4, 16) for n in (0.0, 0.5, 1.0)]
     assert [row["run"] for row in rows] == ["losses_only/version_0", *expected]
     assert list(rows[0])[:6] == ["run", *MEASURED]
     assert set(rows[0]) == {"run", *MEASURED, *PROXIES}  # no within-run corr/<proxy>
@@ -191,3 +204,43 @@ def test_nothing_to_report_is_a_clear_error(tmp_path: Path, logdir: Path) -> Non
         build_report(tmp_path)
     with pytest.raises(ReportError, match=re.escape("'other/'; pass the prefix")):
         build_report(logdir, prefix="other/")
+
+
+def test_rankings_use_the_runs_hyperparameters(logdir: Path, written: Any) -> None:
+    report, paths = written
+    sweep_runs = [r for r in report.runs if not r["run"].startswith("losses")]
+    saved = [yaml.safe_load((logdir / r["run"] / "hparams.yaml").read_text()) for r in sweep_runs]
+    assert {(s["width"], s["label_noise"], s["lr"]) for s in saved} == {
+        (w, n, 0.05) for w in (4, 16) for n in (0.0, 0.5, 1.0)
+    }
+    # lr and the callback's settings take one value; the losses-only run saved no noise.
+    assert report.axes == ["label_noise", "width"]
+    assert report.excluded == {"losses_only/version_0": "lacks label_noise"}
+    rankings = {row["proxy"]: row for row in read_csv(paths[3])}
+    assert set(rankings) == PROXIES
+    settings = [{"label_noise": s["label_noise"], "width": s["width"]} for s in saved]
+    for proxy, row in rankings.items():
+        mu, gap = values(sweep_runs, proxy), values(sweep_runs, "gap")
+        oriented = -mu if proxy in LARGER_GENERALIZES_BETTER else mu
+        psi = brute_force(settings, report.axes, mu, gap)[0]
+        _, worst, typical = brute_force(settings, report.axes, oriented, gap)
+        assert float(row["psi"]) == pytest.approx(psi, abs=1e-12), proxy
+        assert float(row["worst_sign_error"]) == pytest.approx(worst, abs=1e-12)
+        assert float(row["mean_sign_error"]) == pytest.approx(typical, abs=1e-12)
+        assert int(row["runs"]) == 6
+        assert int(row["pairs_gap"]) == 15
+        assert int(row["psi_pairs"]) == 3 * 1 + 2 * 3  # width pairs at 3 noises, noise triples
+    listed = section(paths[0].read_text(), "How each proxy ranks")
+    assert "- `losses_only/version_0`: lacks label_noise" in listed
+    assert len(table_rows(paths[0].read_text(), "How each proxy ranks")) >= len(PROXIES)
+
+
+def test_hyperparameters_fall_back_to_the_hparams_entry(logdir: Path, tmp_path: Path) -> None:
+    run = logdir / "w4_noise0.5_lr0.05" / "version_0"
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "hparams.yaml").unlink()
+    from_file, from_events = hyperparameters(run), hyperparameters(copy)
+    assert from_events["width"] == from_file["width"] == 4
+    assert from_events["label_noise"] == from_file["label_noise"] == 0.5
+    assert from_events["gapwatch/probe_size"] == 64

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "DistanceFromInit": "gapwatch.callbacks",
     "GapEstimator": "gapwatch.functional",
     "GeneralizationMonitor": "gapwatch.callbacks",
     "JacobianNorm": "gapwatch.callbacks",
     "NormalizedLoss": "gapwatch.callbacks",
+    "OutputMargin": "gapwatch.callbacks",
     "OutputSensitivity": "gapwatch.callbacks",
     "ProbeCallback": "gapwatch.callbacks",
     "Transitions": "gapwatch.callbacks",
@@ -23,10 +25,12 @@ _LAZY = {
 }
 
 __all__ = [
+    "DistanceFromInit",
     "GapEstimator",
     "GeneralizationMonitor",
     "JacobianNorm",
     "NormalizedLoss",
+    "OutputMargin",
     "OutputSensitivity",
     "ProbeCallback",
     "Transitions",
@@ -36,9 +40,11 @@ __all__ = [
 
 if TYPE_CHECKING:
     from gapwatch.callbacks import (
+        DistanceFromInit,
         GeneralizationMonitor,
         JacobianNorm,
         NormalizedLoss,
+        OutputMargin,
         OutputSensitivity,
         ProbeCallback,
         Transitions,

@@ -1,4 +1,4 @@
-"""The ``gapwatch`` command line: ``gapwatch report LOGDIR [--out DIR] [--prefix P]``."""
+"""The ``gapwatch`` command line: ``gapwatch report LOGDIR [--out DIR] [--prefix P] [--axes A]``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gapwatch.report import ReportError, build_report, summarize, write_report
 
 def _report(args: argparse.Namespace) -> int:
     try:
-        report = build_report(args.logdir, prefix=args.prefix)
+        report = build_report(args.logdir, prefix=args.prefix, axes=args.axes)
     except ReportError as error:
         print(f"gapwatch report: error: {error}", file=sys.stderr)
         return 2
@@ -34,14 +34,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="compare the final proxies of many runs with their held-out loss and gap",
         description="Read the TensorBoard logs of every run below LOGDIR (a sweep) and write "
         "a table of each run's final gapwatch metrics, the across-run correlations of each "
-        "proxy with the held-out loss and the gap, the ablation-sparsity gap fit and "
-        "scatter plots.",
+        "proxy with the held-out loss and the gap, how each proxy ranks the runs (Kendall's "
+        "tau, granulated Psi over the hyperparameter axes, worst-case sign error), the "
+        "ablation-sparsity gap fit and scatter plots.",
     )
     report.add_argument("logdir", type=Path, help="root of the runs' TensorBoard logs")
     report.add_argument(
         "--out", type=Path, help="output directory (default: LOGDIR/gapwatch-report)"
     )
     report.add_argument("--prefix", default="gapwatch/", help="tag prefix of the gapwatch scalars")
+    report.add_argument(
+        "--axes",
+        nargs="+",
+        metavar="NAME",
+        help="hyperparameters that define the sweep's axes for Psi and the sign error "
+        "(default: every one in the runs' hparams.yaml that varies)",
+    )
     report.set_defaults(handler=_report)
     return parser
 

@@ -4,27 +4,32 @@ Every run of a sweep (one directory of TensorBoard event files) contributes the 
 value of each gapwatch scalar. Across runs, each proxy is correlated with the held-out
 loss and with the generalization gap, the model-selection use of the papers, and Zhao
 et al.'s linear gap model (eq. 7) is fitted on the ablation sparsities ζ and κ with its
-leave-one-out error. :func:`build_report` returns these as plain lists, dicts and numpy
-arrays; :func:`write_report` turns them into ``report.md``, CSV tables and PNG plots.
+leave-one-out error. With each run's hyperparameters (:mod:`gapwatch.report_runs`), every
+proxy is also scored as the field scores generalization measures: Kendall's tau with the
+gap and the held-out loss, the granulated coefficient Psi over the axes that vary, and the
+worst-case sign error over one-axis groups (:mod:`gapwatch.report_stats`).
+:func:`build_report` returns these as plain lists, dicts and numpy arrays;
+:func:`write_report` turns them into ``report.md``, CSV tables and PNG plots.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gapwatch.functional.gap_estimator import GapEstimator
+from gapwatch.report_runs import ReportError, Scalar, final_scalars, find_runs, read_run
+from gapwatch.report_stats import RANKING_FIELDS, rankings, varying_axes
 from gapwatch.tensorboard import CORR, HELDOUT_LOSS, kendall, proxy_names
+
+__all__ = ["CORRELATION_FIELDS", "RANKING_FIELDS", "Report", "ReportError", "build_report",
+           "correlations", "final_scalars", "find_runs", "fit_gap", "kendall", "pearson",
+           "summarize", "write_report"]  # fmt: skip
 
 TARGETS = (HELDOUT_LOSS, "gap")
 # Two points always correlate perfectly; three is the least that says anything.
@@ -38,10 +43,6 @@ NO_GAP_FIT = (
     f"No gap fit: it needs ablation_zeta, ablation_kappa and gap in at least "
     f"{MIN_GAP_FIT_RUNS} runs."
 )
-
-
-class ReportError(Exception):
-    """The log directory holds nothing to report on."""
 
 
 @dataclass
@@ -60,6 +61,12 @@ class Report:
             runs or when either side is constant).
         gap_fit: The output of :func:`fit_gap`, or ``None`` when too few runs have ζ, κ
             and the gap.
+        hparams: Each run's hyperparameters, in the order of ``runs`` (``{}``: none saved).
+        axes: The hyperparameters the rankings group runs by: those that vary across the
+            ranked runs, or the ones asked for.
+        rankings: One dict per proxy, the keys :data:`RANKING_FIELDS` and ``psi_<axis>``
+            (see :func:`gapwatch.report_stats.rankings`), over the ranked runs.
+        excluded: ``{run: reason}`` for the runs left out of the rankings.
     """
 
     logdir: Path
@@ -68,6 +75,10 @@ class Report:
     runs: list[dict[str, Any]]
     correlations: list[dict[str, Any]]
     gap_fit: dict[str, Any] | None
+    hparams: list[dict[str, Scalar]] = field(default_factory=list)
+    axes: list[str] = field(default_factory=list)
+    rankings: list[dict[str, Any]] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
 
     @property
     def missing(self) -> dict[str, list[str]]:
@@ -75,52 +86,14 @@ class Report:
         gaps = {row["run"]: [m for m in self.metrics if m not in row] for row in self.runs}
         return {run: names for run, names in gaps.items() if names}
 
-
-def find_runs(logdir: str | Path) -> list[Path]:
-    """Every directory below ``logdir`` (itself included) that holds TensorBoard event files.
-
-    Args:
-        logdir: Root of a sweep's logs.
-
-    Returns:
-        The run directories, in natural order (``w8`` before ``w16``).
-
-    Raises:
-        ReportError: If ``logdir`` is not a directory or holds no event files.
-    """
-    logdir = Path(logdir)
-    if not logdir.is_dir():
-        raise ReportError(f"log directory {str(logdir)!r} does not exist.")
-    runs = {file.parent for file in logdir.rglob("*tfevents*") if file.is_file()}
-    if not runs:
-        raise ReportError(f"no TensorBoard event files below {str(logdir)!r}.")
-    return sorted(runs, key=_natural_order)
-
-
-def _natural_order(path: Path) -> list[Any]:
-    # Sweeps name runs by numbers: w8 should come before w16.
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
-
-
-def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
-    """The last logged value of every scalar whose tag starts with ``prefix``.
-
-    Args:
-        run_dir: One run's directory; all its event files are read, in order (steps a
-            resumed run logged again replace the earlier ones).
-        prefix: Tag prefix; it is removed from the returned names.
-
-    Returns:
-        ``{name: value at the highest step}``.
-    """
-    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    final = {}
-    for tag in accumulator.Tags()["scalars"]:
-        if tag.startswith(prefix):
-            last = max(accumulator.Scalars(tag), key=lambda event: (event.step, event.wall_time))
-            final[tag[len(prefix) :]] = float(last.value)
-    return final
+    @property
+    def nonfinite(self) -> dict[str, list[str]]:
+        """``{run: metrics whose final value is NaN or infinite}``; no statistic uses them."""
+        bad = {
+            row["run"]: [m for m in self.metrics if m in row and not math.isfinite(row[m])]
+            for row in self.runs
+        }
+        return {run: names for run, names in bad.items() if names}
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
@@ -203,25 +176,32 @@ def fit_gap(runs: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     }
 
 
-def build_report(logdir: str | Path, prefix: str = "gapwatch/") -> Report:
+def build_report(
+    logdir: str | Path, prefix: str = "gapwatch/", axes: Sequence[str] | None = None
+) -> Report:
     """Read every run below ``logdir`` and compare their final metrics.
 
     Args:
         logdir: Root of a sweep's logs; each directory holding event files is a run.
         prefix: Tag prefix of the gapwatch scalars.
+        axes: Hyperparameters to group runs by for Psi and the sign error; by default
+            every one that varies across the runs that can be ranked.
 
     Returns:
         The :class:`Report`.
 
     Raises:
-        ReportError: If there are no runs, or no run logged a scalar under ``prefix``.
+        ReportError: If there are no runs, no run logged a scalar under ``prefix``, or an
+            axis asked for is no run's hyperparameter.
     """
     logdir = Path(logdir)
-    runs = []
+    runs, hparams = [], []
     for run in find_runs(logdir):
+        final, found_hparams = read_run(run, prefix)
         # Within-run correlations (corr/<proxy>) describe training curves, not end points.
-        final = {n: v for n, v in final_scalars(run, prefix).items() if not n.startswith(CORR)}
+        final = {n: v for n, v in final.items() if not n.startswith(CORR)}
         runs.append({"run": run.relative_to(logdir).as_posix(), **final})
+        hparams.append(found_hparams)
     found = {name for row in runs for name in row} - {"run"}
     if not found:
         raise ReportError(
@@ -230,33 +210,52 @@ def build_report(logdir: str | Path, prefix: str = "gapwatch/") -> Report:
         )
     first = [name for name in (*TARGETS, "test_acc", "train_acc", "train_loss") if name in found]
     metrics = first + sorted(found - set(first))
-    table = correlations(runs, proxy_names(dict.fromkeys(metrics)))
-    return Report(logdir, prefix, metrics, runs, table, fit_gap(runs))
+    # Standard errors (`<name>_se`) describe a proxy's value, they are not proxies.
+    proxies = [n for n in proxy_names(dict.fromkeys(metrics)) if not n.endswith("_se")]
+    table = correlations(runs, proxies)
+    report = Report(logdir, prefix, metrics, runs, table, fit_gap(runs), hparams)
+    _rank(report, proxies, axes)
+    return report
+
+
+def _rank(report: Report, proxies: Sequence[str], axes: Sequence[str] | None) -> None:
+    """Fill ``axes``, ``rankings`` and ``excluded``: which runs can be ranked, and how."""
+    known = {name for row in report.hparams for name in row}
+    missing_axes = sorted(set(axes or ()) - known)
+    if missing_axes:
+        raise ReportError(
+            f"no run has the hyperparameter(s) {', '.join(missing_axes)}; the runs have "
+            f"{', '.join(sorted(known)) or 'none'}. Pass some of those with --axes."
+        )
+    kept = []
+    for index, (row, params) in enumerate(zip(report.runs, report.hparams, strict=True)):
+        if not math.isfinite(row.get("gap", math.nan)):
+            report.excluded[row["run"]] = "no gap: no held-out data (or no accuracy)"
+        elif not params:
+            report.excluded[row["run"]] = "no hyperparameters (no hparams.yaml, no hparams entry)"
+        else:
+            kept.append(index)
+    settings = [report.hparams[i] for i in kept]
+    report.axes = list(axes) if axes else varying_axes(settings)
+    for index, params in zip(kept, settings, strict=True):
+        lacking = [axis for axis in report.axes if axis not in params]
+        if lacking:
+            report.excluded[report.runs[index]["run"]] = f"lacks {', '.join(lacking)}"
+    kept = [i for i in kept if report.runs[i]["run"] not in report.excluded]
+    report.rankings = rankings(
+        [report.runs[i] for i in kept],
+        [{axis: report.hparams[i].get(axis) for axis in report.axes} for i in kept],
+        report.axes,
+        proxies,
+    )
 
 
 def write_report(report: Report, out: str | Path) -> list[Path]:
-    """Write ``report.md``, ``runs.csv``, ``correlations.csv`` and the scatter plots.
+    """Write ``report.md``, the CSV tables and the plots (:func:`gapwatch.report_write.write`)."""
+    # Imported here: the writer imports this module for `Report`'s constants.
+    from gapwatch.report_write import write
 
-    Args:
-        report: From :func:`build_report`.
-        out: Output directory, created if needed.
-
-    Returns:
-        The paths written, ``report.md`` first.
-    """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.md", out / "runs.csv", out / "correlations.csv"]
-    _write_csv(written[1], report.runs, ["run", *report.metrics])
-    _write_csv(written[2], report.correlations, CORRELATION_FIELDS)
-    plots = {}
-    if HELDOUT_LOSS in report.metrics:
-        for row in report.correlations:
-            plots[row["proxy"]] = _save(_plot_proxy(report.runs, row), out, row["proxy"])
-    if report.gap_fit is not None:
-        plots["gap_fit"] = _save(_plot_gap_fit(report.gap_fit), out, "gap_fit")
-    written[0].write_text(_markdown(report, plots))
-    return written + list(plots.values())
+    return write(report, out)
 
 
 def summarize(report: Report) -> str:
@@ -264,6 +263,8 @@ def summarize(report: Report) -> str:
     lines = [f"Read {len(report.runs)} runs below {report.logdir}."]
     if report.missing:
         lines.append(f"{len(report.missing)} runs lack some metrics: see report.md.")
+    if report.nonfinite:
+        lines.append(f"{len(report.nonfinite)} runs end with NaN or inf values: see report.md.")
     for target in TARGETS:
         key = f"kendall_{target}"
         ranked = [row for row in report.correlations if math.isfinite(row[key])]
@@ -277,6 +278,7 @@ def summarize(report: Report) -> str:
             lines.append(
                 f"No correlation with {target}: needs {MIN_RUNS} runs with both, not all equal."
             )
+    lines += _ranking_lines(report)
     fit = report.gap_fit
     if fit is None:
         lines.append(NO_GAP_FIT)
@@ -288,125 +290,22 @@ def summarize(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _write_csv(path: Path, rows: Sequence[dict[str, Any]], fields: list[str]) -> None:
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _save(figure: Figure, out: Path, name: str) -> Path:
-    path = out / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
-    figure.savefig(path, dpi=100)
-    return path
-
-
-def _scatter(
-    x: np.ndarray, y: np.ndarray, labels: Sequence[str], *, log: bool
-) -> tuple[Figure, Any]:
-    """Labelled runs; with ``log``, each axis whose values are all positive is logarithmic."""
-    figure = Figure(figsize=(5, 4))
-    # Fixed margins and plain log labels: a layout engine and mathtext triple the time.
-    figure.subplots_adjust(left=0.16, right=0.95, bottom=0.12, top=0.92)
-    axes = figure.add_subplot()
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    axes.scatter(x, y)
-    for xi, yi, label in zip(x, y, np.asarray(labels)[keep], strict=True):
-        axes.annotate(label, (xi, yi), fontsize=6, alpha=0.7)
-    for set_scale, axis, values in (
-        (axes.set_xscale, axes.xaxis, x),
-        (axes.set_yscale, axes.yaxis, y),
-    ):
-        if log and len(values) and (values > 0).all():
-            set_scale("log")
-            axis.set_major_formatter(LogFormatter())
-            axis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-    return figure, axes
-
-
-def _plot_proxy(runs: Sequence[dict[str, Any]], row: dict[str, Any]) -> Figure:
-    proxy = row["proxy"]
-    labels = [run["run"] for run in runs]
-    figure, axes = _scatter(column(runs, proxy), column(runs, HELDOUT_LOSS), labels, log=True)
-    axes.set(
-        xlabel=f"final {proxy}",
-        ylabel=f"final {HELDOUT_LOSS}",
-        title=f"r = {row['pearson_test_loss']:.3f}, tau = {row['kendall_test_loss']:.3f}",
-    )
-    return figure
-
-
-def _plot_gap_fit(fit: dict[str, Any]) -> Figure:
-    figure, axes = _scatter(fit["gap"], fit["predicted"], fit["runs"], log=False)
-    ends = [
-        min(fit["gap"].min(), fit["predicted"].min()),
-        max(fit["gap"].max(), fit["predicted"].max()),
-    ]
-    axes.plot(ends, ends, color="gray", linewidth=0.8)  # perfect prediction
-    axes.set(
-        xlabel="measured gap (train_acc - test_acc)",
-        ylabel="a*zeta + b*kappa + c",
-        title=f"r = {fit['pearson']:.3f}, leave-one-out MAE = {fit['loo_error']:.3g}",
-    )
-    return figure
-
-
-def _number(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
-    lines += ["| " + " | ".join(_number(value) for value in row) + " |" for row in rows]
+def _ranking_lines(report: Report) -> list[str]:
+    """Psi and the worst sign error per proxy, best Psi first, and the runs left out."""
+    lines = []
+    if report.excluded:
+        lines.append(f"{len(report.excluded)} runs left out of the rankings: see report.md.")
+    ranked = [row for row in report.rankings if math.isfinite(row["psi"])]
+    if not ranked:
+        axes = ", ".join(report.axes) or "none vary"
+        lines.append(f"No granulated ranking: no two runs differ in one axis only ({axes}).")
+        return lines
+    lines.append(f"Granulated Kendall Psi with the gap over {', '.join(report.axes)}:")
+    for row in sorted(ranked, key=lambda row: -abs(row["psi"])):
+        lines.append(
+            f"  {row['proxy']:<26} Psi {row['psi']:+.3f} ({row['psi_pairs']} pairs), "
+            f"tau {row['tau_gap']:+.3f} ({row['pairs_gap']}), sign error worst "
+            f"{row['worst_sign_error']:.2f}, mean {row['mean_sign_error']:.2f} "
+            f"({row['sign_error_pairs']})"
+        )
     return lines
-
-
-def _markdown(report: Report, plots: dict[str, Path]) -> str:
-    lines = [
-        f"# gapwatch report: {report.logdir}",
-        "",
-        f"Final value of every `{report.prefix}*` scalar in each of {len(report.runs)} runs.",
-        "",
-        "## Runs",
-        "",
-        *_table(
-            ["run", *report.metrics],
-            [[row["run"], *(row.get(m, "") for m in report.metrics)] for row in report.runs],
-        ),
-        "",
-        "## Correlation of each proxy with the held-out loss and the gap, across runs",
-        "",
-        "Pearson's r and Kendall's tau-b over the runs where both values are finite.",
-        "",
-        *_table(
-            CORRELATION_FIELDS,
-            [[row[field] for field in CORRELATION_FIELDS] for row in report.correlations],
-        ),
-    ]
-    lines += ["", *_gap_section(report.gap_fit)]
-    if report.missing:
-        lines += ["", "## Runs with missing metrics", ""]
-        lines += [f"- `{run}`: {', '.join(names)}" for run, names in report.missing.items()]
-    if plots:
-        lines += ["", "## Plots", ""]
-        lines += [f"![{name}]({path.name})" for name, path in plots.items()]
-    return "\n".join(lines) + "\n"
-
-
-def _gap_section(fit: dict[str, Any] | None) -> list[str]:
-    title = "## Gap estimated from ablation sparsity (Zhao et al., eq. 7)"
-    if fit is None:
-        return [title, "", NO_GAP_FIT]
-    a, b, c = fit["coefficients"]
-    lines = [
-        title,
-        "",
-        f"gap = {a:.4g} * zeta {b:+.4g} * kappa {c:+.4g}, fitted on {len(fit['runs'])} runs.",
-        "",
-        *_table(
-            ["Pearson r", "SSR", "leave-one-out mean abs. error"],
-            [[fit["pearson"], fit["ssr"], fit["loo_error"]]],
-        ),
-    ]
-    return [*lines, "", fit["note"]] if fit["note"] else lines

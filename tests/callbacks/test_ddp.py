@@ -20,6 +20,7 @@ NAMES = [
     "normalized_train_loss", "normalized_test_loss", "log_norm_product",
     "ablation_zeta", "ablation_kappa", "transitions",
     "sensitivity", "predicted_test_loss", "predicted_test_loss_bias", "bias_fraction",
+    "margin_q10", "distance_from_init",
 ]  # fmt: skip
 
 

@@ -30,6 +30,8 @@ DESIGN_NAMES = [
     "ablation_kappa",
     "estimated_gap",
     "transitions",
+    "margin_q10",
+    "distance_from_init",
 ]
 
 

@@ -69,7 +69,7 @@ def test_custom_scalars_layout_written_once_one_chart_per_quantity(run):
         for category in layout.category
     }
     proxies = proxy_names(run["monitor"].history[-1])
-    assert len(proxies) == 10
+    assert len(proxies) == 12
     for proxy in proxies:
         assert categories.pop(f"gapwatch: {proxy}") == {
             proxy: [f"gapwatch/{proxy}$"],

@@ -6,8 +6,10 @@ from typing import Any, Literal
 
 from gapwatch.callbacks._proxy import Proxy
 from gapwatch.callbacks.base import ProbeCallback
+from gapwatch.callbacks.distance_from_init import DistanceProxy
 from gapwatch.callbacks.jacobian_norm import JacobianProxy
 from gapwatch.callbacks.normalized_loss import NormalizedLossProxy
+from gapwatch.callbacks.output_margin import MarginProxy
 from gapwatch.callbacks.output_sensitivity import SensitivityProxy
 from gapwatch.callbacks.transitions import TransitionsProxy
 from gapwatch.callbacks.unit_ablation import AblationProxy
@@ -20,7 +22,8 @@ class GeneralizationMonitor(ProbeCallback):
     With no arguments it runs the default suite: held-out and train loss and accuracy,
     the gap, output sensitivity with eq. 9's predicted test loss (Forouzesh et al.), the
     softmax Jacobian norm (Novak et al.), the normalized train and test loss (Liao and
-    Poggio) and unit-ablation sparsity (Zhao et al.). Transitions are off by default:
+    Poggio), unit-ablation sparsity (Zhao et al.), the normalized train margin and the
+    distance of the weights from their start (Jiang et al. 2020). Transitions are off by default:
     they cost ``num_points`` forward passes per image.
 
     All proxies share the probe sets and one clean forward pass per probe and
@@ -34,6 +37,10 @@ class GeneralizationMonitor(ProbeCallback):
             ``log_norm_product``.
         ablation: Log ``ablation_zeta``, ``ablation_kappa`` (and ``estimated_gap``).
         transitions: Log ``transitions``.
+        margin: Log ``margin_q10``, the train probe's normalized 10th-percentile output
+            margin (Jiang et al. 2020), from the shared forward pass.
+        distance_from_init: Log ``distance_from_init``, the relative Frobenius distance of
+            the weights from those at fit start; keeps one copy of the parameters.
         sigma: Input-noise standard deviation for the sensitivity.
         num_draws: Noise draws per probe input.
         jacobian_method: ``"projection"`` or ``"exact"``.
@@ -76,6 +83,8 @@ class GeneralizationMonitor(ProbeCallback):
         ablation: bool = True,
         transitions: bool = False,
         *,
+        margin: bool = True,
+        distance_from_init: bool = True,
         sigma: float = 0.1,
         num_draws: int = 1,
         jacobian_method: Literal["projection", "exact"] = "projection",
@@ -107,6 +116,12 @@ class GeneralizationMonitor(ProbeCallback):
             )
         if normalized_loss:
             proxies.append(NormalizedLossProxy(normalization, p, scale, option="normalization"))
+        # Before the ablation, which stays last (tests and benchmarks find it there); neither
+        # draws random numbers nor takes the shared pass, so the order changes no value.
+        if margin:
+            proxies.append(MarginProxy())
+        if distance_from_init:
+            proxies.append(DistanceProxy())
         if ablation:
             proxies.append(AblationProxy(layer, max_classes, gap_coefficients, kappa))
         if transitions:

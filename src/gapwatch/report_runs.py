@@ -1,0 +1,152 @@
+"""Reading a sweep's runs: their final gapwatch scalars and their hyperparameters.
+
+A run is a directory of TensorBoard event files. Its hyperparameters are read from the
+``hparams.yaml`` Lightning's ``TensorBoardLogger`` saves beside the events (the model's and
+the data module's ``save_hyperparameters``, and gapwatch's settings); a run without that
+file falls back to the hparams plugin entry in its event files.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+HPARAMS_FILE = "hparams.yaml"
+
+Scalar = bool | int | float | str | None
+
+
+class ReportError(Exception):
+    """The log directory holds nothing to report on."""
+
+
+def find_runs(logdir: str | Path) -> list[Path]:
+    """Every directory below ``logdir`` (itself included) that holds TensorBoard event files.
+
+    Args:
+        logdir: Root of a sweep's logs.
+
+    Returns:
+        The run directories, in natural order (``w8`` before ``w16``).
+
+    Raises:
+        ReportError: If ``logdir`` is not a directory or holds no event files.
+    """
+    logdir = Path(logdir)
+    if not logdir.is_dir():
+        raise ReportError(f"log directory {str(logdir)!r} does not exist.")
+    runs = {file.parent for file in logdir.rglob("*tfevents*") if file.is_file()}
+    if not runs:
+        raise ReportError(f"no TensorBoard event files below {str(logdir)!r}.")
+    return sorted(runs, key=_natural_order)
+
+
+def _natural_order(path: Path) -> list[Any]:
+    # Sweeps name runs by numbers: w8 should come before w16.
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def read_run(run_dir: str | Path, prefix: str = "gapwatch/") -> tuple[dict[str, float], dict]:
+    """``(final scalars, hyperparameters)`` of one run; see the two functions below."""
+    accumulator = _load(run_dir)
+    return _final(accumulator, prefix), hyperparameters(run_dir, accumulator)
+
+
+def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
+    """The last logged value of every scalar whose tag starts with ``prefix``.
+
+    Args:
+        run_dir: One run's directory; all its event files are read, in order (steps a
+            resumed run logged again replace the earlier ones).
+        prefix: Tag prefix; it is removed from the returned names.
+
+    Returns:
+        ``{name: value at the highest step}``.
+    """
+    return _final(_load(run_dir), prefix)
+
+
+def hyperparameters(
+    run_dir: str | Path, accumulator: EventAccumulator | None = None
+) -> dict[str, Scalar]:
+    """The run's hyperparameters, flattened to ``{"a.b": value}``; ``{}`` if none were saved.
+
+    Args:
+        run_dir: One run's directory.
+        accumulator: Its events, already loaded (read again if ``None`` and needed).
+
+    Returns:
+        Values from ``hparams.yaml`` if the run has one, else from the hparams plugin entry.
+        Values that are neither numbers, strings nor booleans are given as their text.
+    """
+    path = Path(run_dir) / HPARAMS_FILE
+    if path.is_file():
+        loaded = yaml.load(path.read_text(), Loader=_TolerantLoader)  # a SafeLoader subclass
+        return _flatten(loaded) if isinstance(loaded, dict) else {}
+    return _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
+
+
+def _load(run_dir: str | Path) -> EventAccumulator:
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def _final(accumulator: EventAccumulator, prefix: str) -> dict[str, float]:
+    final = {}
+    for tag in accumulator.Tags()["scalars"]:
+        if tag.startswith(prefix):
+            last = max(accumulator.Scalars(tag), key=lambda event: (event.step, event.wall_time))
+            final[tag[len(prefix) :]] = float(last.value)
+    return final
+
+
+class _TolerantLoader(yaml.SafeLoader):
+    """A safe loader that reads Python-specific tags (tuples, objects) as plain data."""
+
+
+def _plain(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.SequenceNode):
+        return loader.construct_sequence(node, deep=True)
+    if isinstance(node, yaml.MappingNode):
+        return loader.construct_mapping(node, deep=True)
+    return loader.construct_scalar(node)  # type: ignore[arg-type]
+
+
+_TolerantLoader.add_multi_constructor("tag:yaml.org,2002:python/", _plain)
+_TolerantLoader.add_multi_constructor("!", _plain)
+
+
+def _flatten(values: dict, parent: str = "") -> dict[str, Scalar]:
+    flat: dict[str, Scalar] = {}
+    for key, value in values.items():
+        name = f"{parent}{key}"
+        if isinstance(value, dict):
+            flat |= _flatten(value, f"{name}.")
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def _plugin_hparams(accumulator: EventAccumulator) -> dict[str, Scalar]:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    try:
+        contents = accumulator.PluginTagToContent("hparams")
+    except KeyError:
+        return {}
+    found: dict[str, Scalar] = {}
+    for content in contents.values():
+        data = plugin_data_pb2.HParamsPluginData.FromString(content)
+        if not data.HasField("session_start_info"):
+            continue
+        for name, value in data.session_start_info.hparams.items():
+            kind = value.WhichOneof("kind")
+            found[name] = None if kind in (None, "null_value") else getattr(value, kind)
+    return found
