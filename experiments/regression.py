@@ -3,9 +3,9 @@
 A regression network has one output (K = 1): the ``OutputSensitivity`` callback then logs
 S and, as ``test_loss``, the held-out mean squared error. The family mirrors the paper's
 Fig. 5 on the Boston housing data the paper used (506 districts, 13 features; shipped
-with ``mlxtend``, so nothing is downloaded): ReLU MLPs of three and five hidden layers and several widths, from
-several initialization seeds, each trained with full-batch Adam until it (nearly)
-interpolates the same 70% training split. Claim checked (issue 7, item 5): S correlates
+with ``mlxtend``, so nothing is downloaded): ReLU MLPs of three and five hidden layers and
+several widths, from several initialization seeds, each trained with full-batch Adam until
+it (nearly) interpolates the same 70% training split. Claim checked (issue 7, item 5): S correlates
 positively with the held-out MSE across the family. Reported beside it: the Pearson r of
 the logs, of the means over seeds (the paper averages over runs), and that the callback's
 ``test_loss`` equals an independent held-out MSE.
