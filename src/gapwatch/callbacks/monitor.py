@@ -34,11 +34,16 @@ class GeneralizationMonitor(ProbeCallback):
             ``log_norm_product``.
         ablation: Log ``ablation_zeta``, ``ablation_kappa`` (and ``estimated_gap``).
         transitions: Log ``transitions``.
-        sigma: Input-noise standard deviation for the sensitivity.
+        sigma: Input-noise standard deviation for the sensitivity (in the units of the
+            ``perturb_at`` module's output when there is one).
         num_draws: Noise draws per probe input.
         jacobian_method: ``"projection"`` or ``"exact"``.
         jacobian_output: ``"softmax"`` or ``"logits"``.
         num_projections: Random projections per sample for the projection method.
+        perturb_at: Module path whose output the sensitivity and the Jacobian norm
+            perturb instead of the inputs; by default the inputs when they are floating
+            point, else the first ``nn.Embedding`` (token ids, keyword inputs) or the first
+            module with a floating-point output (uint8 images), said in an info line.
         normalization: ``"auto"`` (layerwise where that is exact, output otherwise,
             reported once), ``"layerwise"`` (product of layer norms) or ``"output"``
             (output norm on reference inputs, for residual networks).
@@ -81,6 +86,7 @@ class GeneralizationMonitor(ProbeCallback):
         jacobian_method: Literal["projection", "exact"] = "projection",
         jacobian_output: Literal["softmax", "logits"] = "softmax",
         num_projections: int = 3,
+        perturb_at: str | None = None,
         normalization: Literal["auto", "layerwise", "output"] = "auto",
         p: float = 2.0,
         scale: float = 1.0,
@@ -94,7 +100,7 @@ class GeneralizationMonitor(ProbeCallback):
     ) -> None:
         proxies: list[Proxy] = []
         if sensitivity:
-            proxies.append(SensitivityProxy(sigma, num_draws))
+            proxies.append(SensitivityProxy(sigma, num_draws, perturb_at=perturb_at))
         if jacobian:
             proxies.append(
                 JacobianProxy(
@@ -103,6 +109,7 @@ class GeneralizationMonitor(ProbeCallback):
                     num_projections,
                     option="jacobian_output",
                     logits_for_regression=True,
+                    perturb_at=perturb_at,
                 )
             )
         if normalized_loss:
