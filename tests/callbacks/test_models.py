@@ -40,7 +40,7 @@ def _rgb32(n: int) -> tuple[Tensor, Tensor]:
 
 def _tokens(n: int) -> tuple[Tensor, Tensor]:
     images, labels = _digits(n)
-    return ((images * 6.0 + 4.9) / 1.0).round().clamp(0, 16).long().flatten(1), labels
+    return (images * 6.0 + 4.9).round().clamp(0, 16).long().flatten(1), labels
 
 
 def _rows(n: int) -> tuple[Tensor, Tensor]:
@@ -94,7 +94,9 @@ def _cnn() -> nn.Module:
 FAMILIES: dict[str, tuple[Callable[[], nn.Module], Callable[[int], tuple[Tensor, Tensor]], int]] = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), _rgb32, 32),
     "vgg11": (lambda: torchvision.models.vgg11(num_classes=10), _rgb32, 24),
-    "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), _rgb32, 32),
+    "mobilenet_v3_small": (
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=10), _rgb32, 32
+    ),
     "vit": (_vit, _rgb32, 48),
     "transformer_tokens": (_TextClassifier, _tokens, 96),
     "lstm": (_LSTMClassifier, _rows, 96),
@@ -135,7 +137,8 @@ def _fit(
         max_epochs=1,
         limit_train_batches=2,
     )
-    trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=16))
+    train_loader = DataLoader(train, batch_size=8, shuffle=True)
+    trainer.fit(module, train_loader, DataLoader(val, batch_size=16))
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
 
