@@ -103,7 +103,8 @@ def set_up_proxies(
                 if not skip_inapplicable:
                     raise
                 name = type(proxy).__name__.removesuffix("Proxy")
-                rank_zero_info(f"gapwatch: skipping {name}: {str(reason).split(', but ')[0]}.")
+                why = str(reason).split(", but ")[0].rstrip(".")
+                rank_zero_info(f"gapwatch: skipping {name}: {why}.")
                 continue
             active.append(proxy)
     return active, num_outputs

@@ -164,8 +164,8 @@ class AblationProxy(Proxy):
         require_train_targets(probes, "Unit ablation")
         if isinstance(probes.train.inputs, KeywordInputs):
             raise NotApplicableError(
-                "Unit ablation cuts a model that takes one input tensor, but this one takes "
-                f"keyword inputs ({', '.join(probes.train.inputs)}); turn it off "
+                "Unit ablation cuts a model that takes one input tensor; this one takes "
+                f"keyword inputs ({', '.join(probes.train.inputs)}). Turn it off "
                 "(`ablation=False` in the suite)."
             )
         device = next(iter(model.parameters())).device
