@@ -121,7 +121,40 @@ def test_a_module_that_returns_no_tensor_is_refused_naming_perturb_at():
             out, _ = self.rnn(self.embed(ids))
             return self.fc(out[:, -1])
 
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.position, self.token = nn.Embedding(5, 4), nn.Embedding(20, 4)
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, ids: Tensor) -> Tensor:
+            at = self.position(torch.arange(ids.shape[1]).unsqueeze(0))  # shared by the rows
+            return self.fc((self.token(ids) + at).mean(1))
+
     ids = torch.randint(0, 20, (3, 5))
     with pytest.raises(TypeError, match=r"`perturb_at='rnn'` must name a module that returns"):
         output_sensitivity(Pick(), ids, perturb_at="rnn")
+    with pytest.raises(ValueError, match=r"`perturb_at='position'` .* one row per input \(3\)"):
+        jacobian_norm(Positions(), ids, perturb_at="position")
+    assert jacobian_norm(Positions(), ids, perturb_at="token").item() > 0
+    assert default_perturb_at(Positions(), ids) == "token"
     assert jacobian_norm(model, ids, perturb_at="0").item() >= 0
+
+
+def test_finding_the_module_moves_no_batchnorm_buffer():
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 3))
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    images = torch.randint(0, 255, (4, 1, 4, 4), dtype=torch.uint8)
+
+    class Bytes(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.net(x.float() / 255)
+
+    assert default_perturb_at(Bytes(), images) == "net.0"
+    assert model.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

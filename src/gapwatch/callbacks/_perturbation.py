@@ -15,7 +15,11 @@ from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probes
 from gapwatch.callbacks._proxy import NotApplicableError, Stats
-from gapwatch.functional._perturb import default_perturb_at, module_output_squares, named_module
+from gapwatch.functional._perturb import (
+    check_module_output,
+    default_perturb_at,
+    module_output_squares,
+)
 
 
 def resolve_perturb_at(
@@ -26,11 +30,11 @@ def resolve_perturb_at(
     Raises:
         NotApplicableError: If the inputs cannot be perturbed and no module qualifies.
     """
-    if perturb_at is not None:
-        named_module(model, perturb_at)
-        return perturb_at
     probe = probes.unlabeled
     device = next(iter(model.parameters()), torch.empty(0)).device
+    if perturb_at is not None:
+        check_module_output(model, probe.inputs[:2].to(device), perturb_at)
+        return perturb_at
     try:
         path = default_perturb_at(model, probe.inputs[:2].to(device))
     except ValueError as error:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gapwatch.functional._common import chunks, model_device, model_input
+from gapwatch.functional._common import chunks, evaluation, model_device, model_input
 from gapwatch.functional._inputs import KeywordInputs, call_model
 
 
@@ -40,14 +40,15 @@ def default_perturb_at(model: nn.Module, inputs: Any) -> str | None:
     """Where a perturbation acts by default: ``None`` (the inputs) for floating tensors.
 
     For integer or keyword inputs it is the first ``nn.Embedding`` (in the order the
-    model registers its modules), the token embedding of a text model; failing that, the
-    first module to finish, in one forward pass over two inputs, with a floating-point
-    tensor output (for a model that converts uint8 images itself, its first layer after
-    the conversion, e.g. the first convolution).
+    model registers its modules) with one output row per input, the token embedding of a
+    text model (a position embedding's rows are shared by the inputs); failing that, the
+    first module to finish, in one forward pass over the inputs, with a floating-point
+    output of one row per input (for a model that converts uint8 images itself, its
+    first layer after the conversion, e.g. the first convolution).
 
     Args:
         model: The model.
-        inputs: A few inputs on the model's device.
+        inputs: A few inputs (two or more) on the model's device.
 
     Returns:
         The module path, or ``None`` to perturb the inputs.
@@ -57,27 +58,31 @@ def default_perturb_at(model: nn.Module, inputs: Any) -> str | None:
     """
     if isinstance(inputs, Tensor) and inputs.is_floating_point():
         return None
-    for name, module in model.named_modules():
-        if name and isinstance(module, nn.Embedding):
-            return name
     finished: list[str] = []
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            if isinstance(output, Tensor) and output.is_floating_point():
+            if (
+                isinstance(output, Tensor)
+                and output.is_floating_point()
+                and output.ndim > 0
+                and output.shape[0] == inputs.shape[0]
+            ):
                 finished.append(name)
 
         return hook
 
-    handles = [
-        module.register_forward_hook(record(name)) for name, module in model.named_modules() if name
-    ]
+    named = [(name, module) for name, module in model.named_modules() if name]
+    handles = [module.register_forward_hook(record(name)) for name, module in named]
     try:
-        with torch.no_grad():
+        with evaluation(model), torch.no_grad():  # eval: no BatchNorm buffer moves
             call_model(model, inputs)
     finally:
         for handle in handles:
             handle.remove()
+    for name, module in named:
+        if isinstance(module, nn.Embedding) and name in finished:
+            return name
     if not finished:
         raise ValueError(
             f"The inputs are {_kind(inputs)} and gapwatch found no module with a "
@@ -86,14 +91,21 @@ def default_perturb_at(model: nn.Module, inputs: Any) -> str | None:
     return finished[0]
 
 
+def check_module_output(model: nn.Module, inputs: Any, path: str) -> None:
+    """Raise, naming ``perturb_at``, unless the module at ``path`` takes a perturbation."""
+    with evaluation(model), torch.no_grad():
+        forward_perturbed(model, inputs, path, lambda h: h)
+
+
 @contextmanager
 def replaced_output(
-    model: nn.Module, path: str, replace: Callable[[Tensor], Tensor]
+    model: nn.Module, path: str, replace: Callable[[Tensor], Tensor], batch: int
 ) -> Iterator[None]:
     """Within the block, the module at ``path`` returns ``replace(its output)``.
 
-    The module must return one floating tensor and run once per forward pass, so that
-    the replacement acts on one well-defined variable.
+    The module must return one floating tensor ``[batch, ...]`` and run once per forward
+    pass, so that the replacement acts on one well-defined variable, row by row (a
+    position embedding, whose output is shared by the rows, is not one).
     """
     module = named_module(model, path)
     calls = [0]
@@ -104,6 +116,12 @@ def replaced_output(
             raise TypeError(
                 f"`perturb_at={path!r}` must name a module that returns one floating-point "
                 f"tensor, but it returns {got}; name another module (e.g. the embedding)."
+            )
+        if output.ndim == 0 or output.shape[0] != batch:
+            raise ValueError(
+                f"`perturb_at={path!r}` must name a module whose output has one row per "
+                f"input ({batch}), but it returns shape {tuple(output.shape)}; name another "
+                "module (e.g. the token embedding)."
             )
         calls[0] += 1
         if calls[0] > 1:
@@ -124,7 +142,7 @@ def forward_perturbed(
     model: nn.Module, inputs: Any, path: str, replace: Callable[[Tensor], Tensor]
 ) -> Any:
     """``model(inputs)`` with the output ``h`` of the module at ``path`` made ``replace(h)``."""
-    with replaced_output(model, path, replace):
+    with replaced_output(model, path, replace, inputs.shape[0]):
         return call_model(model, inputs)
 
 
