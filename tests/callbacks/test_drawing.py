@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import LightningDataModule, seed_everything
 from torch import Tensor, nn
+from torch.func import jacrev
 from torch.utils.data import (
     DataLoader,
     Dataset,
@@ -18,9 +20,17 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from gapwatch import GeneralizationMonitor, NormalizedLoss, OutputSensitivity
+from gapwatch import (
+    GeneralizationMonitor,
+    JacobianNorm,
+    NormalizedLoss,
+    OutputSensitivity,
+    Transitions,
+)
 from gapwatch.callbacks._drawing import eligible_indices
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
+from gapwatch.functional import RowSeeds, predicted_test_loss
+from gapwatch.functional.sensitivity import softmax_mse
 
 from .conftest import make_trainer
 
@@ -229,14 +239,26 @@ def test_uint8_inputs_keep_their_dtype_and_their_loss(tmp_path, caplog):
     with torch.no_grad():
         expected = F.cross_entropy(model(probe.inputs), probe.targets)
     assert monitor.history[-1]["test_loss"] == pytest.approx(expected.item(), rel=1e-5)
-    skipped = " ".join(r.message for r in caplog.records if "skipping" in r.message)
-    assert "Sensitivity" in skipped
-    assert "Jacobian" in skipped
+    # The perturbation proxies act on the first layer after the model's own conversion.
+    messages = " ".join(r.message for r in caplog.records)
+    assert "skipping" not in messages
+    assert "torch.uint8; output sensitivity perturbs the output of 'net.0'" in messages
+    assert "torch.uint8; the Jacobian norm perturbs the output of 'net.0'" in messages
+    assert math.isfinite(monitor.history[-1]["sensitivity"])
+    assert math.isfinite(monitor.history[-1]["jacobian_norm"])
 
 
-def test_a_perturbing_proxy_on_integer_inputs_fails_at_setup_naming_the_switch(tmp_path):
-    trainer = make_trainer(tmp_path, callbacks=[OutputSensitivity(probe_size=32)], max_epochs=1)
-    with pytest.raises(ValueError, match=r"torch.uint8 .*cannot be perturbed"):
+def test_transitions_on_integer_inputs_fail_at_setup_naming_the_switch(tmp_path):
+    trainer = make_trainer(tmp_path, callbacks=[Transitions(probe_size=32)], max_epochs=1)
+    with pytest.raises(ValueError, match=r"torch.uint8 .*cannot be perturbed.*transitions=False"):
+        trainer.fit(_Bytes(width=8), datamodule=_ByteDigits())
+    assert trainer.global_step == 0
+
+
+def test_perturb_at_naming_no_module_fails_at_setup(tmp_path):
+    callback = OutputSensitivity(probe_size=32, perturb_at="body")
+    trainer = make_trainer(tmp_path, callbacks=[callback], max_epochs=1)
+    with pytest.raises(ValueError, match=r"`perturb_at='body'` names no submodule"):
         trainer.fit(_Bytes(width=8), datamodule=_ByteDigits())
     assert trainer.global_step == 0
 
@@ -274,3 +296,37 @@ def test_token_ids_keep_their_dtype_and_normalize_by_the_output(tmp_path, caplog
         rho = model(probe.inputs[:8]).norm(dim=1).mean()
         expected = F.cross_entropy(model(probe.inputs) / rho, probe.targets)
     assert monitor.history[-1]["normalized_train_loss"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+def test_token_ids_are_perturbed_at_the_embedding(tmp_path, caplog):
+    sensitivity = OutputSensitivity(sigma=0.2, probe_size=64)
+    jacobian = JacobianNorm(method="exact", output="logits", probe_size=64, prefix="jac/")
+    model = _Tokens()
+    with caplog.at_level("INFO"):
+        make_trainer(tmp_path, callbacks=[sensitivity, jacobian], max_epochs=1).fit(
+            model, datamodule=_TokenDigits()
+        )
+    assert any("perturbs the output of 'net.0'" in r.message for r in caplog.records)
+    probe = sensitivity._probes.heldout
+    model.eval()
+    embed, rest = model.net[0], model.net[1:]
+    # The Jacobian of everything after the embedding, at the embedding's output (exact).
+    h = embed(probe.inputs).detach()
+    norms = [jacrev(lambda hi: rest(hi.unsqueeze(0))[0])(hi).norm() for hi in h]
+    expected_norm = torch.stack(norms).mean().item()
+    assert jacobian.history[-1]["jacobian_norm"] == pytest.approx(expected_norm, rel=1e-4)
+    # The sensitivity: noise of std sigma on h, with the rows' own streams (Context.draws).
+    with torch.no_grad():
+        rows = torch.arange(len(probe))
+        first_draw = torch.zeros(len(probe), dtype=torch.long)
+        noise = RowSeeds(rows).draw(rows, h.shape[1:], h.device, streams=first_draw)
+        response = (rest(h + 0.2 * noise) - rest(h)).double().mean(1)
+    final = sensitivity.history[-1]
+    assert final["sensitivity"] == pytest.approx(response.var(unbiased=False).item(), rel=1e-4)
+    # Eq. 9 with E[x^2] of the perturbed variable, the embedding's output.
+    bias = softmax_mse(model(sensitivity._probes.train.inputs), sensitivity._probes.train.targets)
+    expected = predicted_test_loss(
+        torch.tensor(final["sensitivity"]), num_classes=10,
+        input_second_moment=h.double().square().mean(), sigma=0.2, bias=bias,
+    )  # fmt: skip
+    assert final["predicted_test_loss_bias"] == pytest.approx(expected.item(), rel=1e-4)

@@ -61,7 +61,10 @@ from .conftest import back_on_device, make_trainer, read_scalars
 
 
 class _Wrapped(DigitsClassifier):
-    """A classifier whose forward returns its logits inside a tuple or a dict."""
+    """A classifier whose forward hides its logits where gapwatch does not look for them.
+
+    (A tuple with the logits first, or a dict with "logits", is read as it is.)
+    """
 
     def __init__(self, container: type) -> None:
         super().__init__(width=8)
@@ -69,7 +72,7 @@ class _Wrapped(DigitsClassifier):
 
     def forward(self, x: Tensor) -> Any:
         logits = self.net(x)
-        return (logits, x) if self.container is tuple else {"logits": logits}
+        return (x.shape, logits) if self.container is tuple else {"scores": logits}
 
 
 class _Regressor(DigitsClassifier):

@@ -57,9 +57,9 @@ def test_check_targets_rejects_regression_and_mismatch():
 
 def test_model_output_checks_name_the_fix():
     with pytest.raises(TypeError, match="model_attr="):
-        as_outputs((torch.ones(2, 3),))
+        as_outputs(("features", torch.ones(2, 3)))
     with pytest.raises(TypeError, match="dict"):
-        as_outputs({"logits": torch.ones(2, 3)})
+        as_outputs({"scores": torch.ones(2, 3)})
     assert as_outputs(torch.ones(5)).shape == (5, 1)
 
 

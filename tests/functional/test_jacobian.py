@@ -215,7 +215,7 @@ def test_works_inside_inference_mode_and_no_grad(cnn, digits, context):
 
 class DictModel(nn.Module):
     def forward(self, x: torch.Tensor) -> dict:
-        return {"logits": x.flatten(1)}
+        return {"scores": x.flatten(1)}  # not where gapwatch looks for logits
 
 
 @pytest.mark.parametrize(

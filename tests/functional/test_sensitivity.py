@@ -284,5 +284,7 @@ def test_bad_input_names_the_fix(mlp, digits):
 
 
 class TupleOut(nn.Module):
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return x, x
+    """Returns its logits where gapwatch does not look: second in a tuple."""
+
+    def forward(self, x: Tensor) -> tuple[str, Tensor]:
+        return "features", x

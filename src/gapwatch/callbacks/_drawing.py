@@ -36,11 +36,12 @@ from torch.utils.data.dataloader import default_collate
 
 from gapwatch.callbacks._probes import Probe, one_per_sample
 from gapwatch.callbacks._rng import isolated_rng
+from gapwatch.functional._inputs import Inputs, cat_inputs
 
 # Random streams a sampler may own; deep-copied so the copy's draws leave them as they are.
 _RANDOM_STATES = (torch.Generator, np.random.Generator, np.random.RandomState, random.Random)
 
-SplitBatch = Callable[[Any], tuple[Tensor, Tensor | None]]
+SplitBatch = Callable[[Any], tuple[Inputs, Tensor | None]]
 
 
 def is_stream(loader: DataLoader) -> bool:
@@ -150,7 +151,7 @@ class BatchCollector:
     def __init__(self, size: int, split: SplitBatch) -> None:
         self.size = size
         self.split = split
-        self._inputs: list[Tensor] = []
+        self._inputs: list[Inputs] = []
         self._targets: list[Tensor] = []
         self._keys: tuple[str, ...] | None = None
         self._count = 0
@@ -174,7 +175,7 @@ class BatchCollector:
 
     def probe(self) -> Probe:
         """The collected probe."""
-        inputs = torch.cat(self._inputs)
+        inputs = cat_inputs(self._inputs)
         targets = torch.cat(self._targets) if len(self._targets) == len(self._inputs) else None
         if targets is not None:
             targets = one_per_sample(targets, len(inputs), "train")
@@ -190,11 +191,14 @@ def _collate(loader: DataLoader, items: list[Any], split: SplitBatch, role: str)
     return Probe(_keep_dtype(inputs.detach()), targets, keys)
 
 
-def _keep_dtype(inputs: Tensor) -> Tensor:
+def _keep_dtype(inputs: Inputs) -> Inputs:
     """The inputs as the loader gave them; floating ones in float32, the proxies' dtype.
 
-    Integer inputs (token ids, uint8 images a model converts itself) keep their dtype.
+    Integer inputs (token ids, uint8 images a model converts itself) keep their dtype;
+    keyword inputs keep every tensor's.
     """
+    if not isinstance(inputs, Tensor):
+        return inputs.clone()
     return inputs.float().clone() if inputs.is_floating_point() else inputs.clone()
 
 

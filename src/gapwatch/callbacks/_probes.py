@@ -12,7 +12,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-SplitBatch = Callable[[Any], tuple[Tensor, Tensor | None]]
+from gapwatch.functional._inputs import Inputs, KeywordInputs, as_inputs
+
+SplitBatch = Callable[[Any], tuple[Inputs, Tensor | None]]
 Role = Literal["heldout", "train"]
 
 
@@ -20,11 +22,14 @@ Role = Literal["heldout", "train"]
 class Probe:
     """One fixed probe set: inputs ``[N, ...]`` and optional targets ``[N]``.
 
+    The inputs are a tensor or :class:`~gapwatch.functional._inputs.KeywordInputs` (the
+    model is then called as ``model(**inputs)``).
+
     ``batch_keys`` holds the keys of the user's batches when they are mappings, so that a
     message about missing targets can name the key to set.
     """
 
-    inputs: Tensor
+    inputs: Inputs
     targets: Tensor | None
     batch_keys: tuple[str, ...] | None = None
     rows: Tensor | None = None  # positions in the whole probe; None: this is the whole
@@ -74,11 +79,15 @@ class Probes:
         return probe
 
 
-def split_batch(batch: Any, input_key: str, target_key: str) -> tuple[Tensor, Tensor | None]:
+def split_batch(batch: Any, input_key: str, target_key: str) -> tuple[Inputs, Tensor | None]:
     """Split a collated batch into ``(inputs, targets)``.
 
     Works out of the box for ``(x, y)`` tuples or lists, ``x`` alone, and mappings with
-    ``input_key`` and ``target_key``. Anything else raises an error naming the override.
+    ``input_key`` and ``target_key``. A mapping without ``input_key`` but with
+    ``target_key`` (``{"input_ids", "attention_mask", "labels"}`` with
+    ``target_key="labels"``) gives its other tensors as keyword inputs, for
+    ``model(**inputs)``; so do inputs that are themselves a mapping of tensors. Anything
+    else raises an error naming the override.
     """
     if isinstance(batch, Tensor):
         return batch, None
@@ -86,9 +95,18 @@ def split_batch(batch: Any, input_key: str, target_key: str) -> tuple[Tensor, Te
         inputs, targets = batch[0], (batch[1] if len(batch) > 1 else None)
     elif isinstance(batch, Mapping) and input_key in batch:
         inputs, targets = batch[input_key], batch.get(target_key)
+    elif isinstance(batch, Mapping) and target_key in batch:
+        rest = {key: value for key, value in batch.items() if key != target_key}
+        if not rest or not all(isinstance(value, Tensor) for value in rest.values()):
+            raise _unsupported(batch, input_key)
+        inputs, targets = KeywordInputs(rest), batch[target_key]
     else:
         raise _unsupported(batch, input_key)
-    if not isinstance(inputs, Tensor) or not (targets is None or isinstance(targets, Tensor)):
+    if isinstance(inputs, Mapping):
+        inputs = as_inputs(inputs)
+    if not isinstance(inputs, (Tensor, KeywordInputs)) or not (
+        targets is None or isinstance(targets, Tensor)
+    ):
         raise _unsupported(batch, input_key)
     return inputs, targets
 
@@ -98,7 +116,9 @@ def _unsupported(batch: Any, input_key: str) -> TypeError:
     return TypeError(
         f"gapwatch cannot find inputs and targets in a batch of type "
         f"{type(batch).__name__}{keys}. Batches of `(inputs, targets)` and mappings with "
-        f"`input_key`/`target_key` (now {input_key!r}) work as they are; for anything else "
+        f"`input_key`/`target_key` (now {input_key!r}) work as they are; so do mappings of "
+        "keyword inputs and their targets with `target_key=` naming the targets' key (the "
+        "other tensors go to `model(**inputs)`); for anything else "
         "subclass the callback and override `split_batch(self, batch) -> (inputs, targets)`."
     )
 

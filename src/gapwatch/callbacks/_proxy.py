@@ -47,10 +47,13 @@ def require_float_inputs(probes: Probes, what: str, switch: str) -> None:
     Token ids and raw image bytes have no Gaussian neighbourhood: the perturbation must
     act after the model has embedded or converted them.
     """
-    dtype = probes.unlabeled.inputs.dtype
-    if not dtype.is_floating_point:
+    inputs = probes.unlabeled.inputs
+    if not isinstance(inputs, Tensor) or not inputs.is_floating_point():
+        kind = "keyword inputs"
+        if isinstance(inputs, Tensor):
+            kind = f"{inputs.dtype} (token ids or raw image bytes)"
         raise NotApplicableError(
-            f"{what} perturbs the inputs, but they are {dtype} (token ids or raw image bytes), "
+            f"{what} perturbs the inputs, but they are {kind}, "
             f"which cannot be perturbed in place; turn it off ({switch}) or feed floating-point "
             "inputs."
         )

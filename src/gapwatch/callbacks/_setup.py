@@ -28,6 +28,7 @@ from gapwatch.callbacks._probes import Probe, Probes
 from gapwatch.callbacks._proxy import NotApplicableError, Proxy
 from gapwatch.callbacks._rng import isolated_rng
 from gapwatch.functional._common import as_outputs, check_float32_model, evaluation
+from gapwatch.functional._inputs import KeywordInputs, call_model, describe_output
 
 
 def train_loader(trainer: Trainer) -> DataLoader:
@@ -102,7 +103,8 @@ def set_up_proxies(
                 if not skip_inapplicable:
                     raise
                 name = type(proxy).__name__.removesuffix("Proxy")
-                rank_zero_info(f"gapwatch: skipping {name}: {str(reason).split(', but ')[0]}.")
+                why = str(reason).split(", but ")[0].rstrip(".")
+                rank_zero_info(f"gapwatch: skipping {name}: {why}.")
                 continue
             active.append(proxy)
     return active, num_outputs
@@ -134,23 +136,34 @@ def shard(probes: Probes, trainer: Trainer, device: torch.device) -> Probes:
 
 
 def _num_outputs(model: nn.Module, probe: Probe) -> int:
-    """K, from one pass over two probe inputs; a failing call is reported with the fix."""
+    """K, from one pass over two probe inputs; a failing call is reported with the fix.
+
+    Says once which part of the output is read as the logits, unless it is a tensor.
+    """
     device = next(iter(model.parameters()), probe.inputs).device
     inputs = probe.inputs[:2].to(device)
     with evaluation(model), torch.no_grad():
         outputs = _call(model, inputs)
+    read = describe_output(outputs)
+    if read is not None:
+        rank_zero_info(f"gapwatch: {read} as the logits.")
     return as_outputs(outputs).shape[1]
 
 
 def _call(model: Callable[..., Any], inputs: Any) -> Any:
     try:
-        return model(inputs)
+        return call_model(model, inputs)  # type: ignore[arg-type]
     except TypeError as error:
         if "positional argument" not in str(error) and "argument" not in str(error):
             raise
+        if isinstance(inputs, KeywordInputs):
+            how = f"with the keyword arguments {list(inputs)} (the batch's keys but the targets)"
+        else:
+            how = "with one argument, the inputs `split_batch` returns,"
         raise TypeError(
-            f"gapwatch calls the model with one argument, the inputs `split_batch` returns, "
-            f"and the call failed: {error}. For a model that takes more (a mask, say), "
-            "override the callback's `get_model` to return a module that takes the inputs "
-            "alone, or `split_batch` to return what the model takes."
+            f"gapwatch calls the model {how} and the call failed: {error}. Batches that "
+            "are mappings go to `model(**inputs)` when `input_key` is not among their keys: "
+            "set `input_key=`/`target_key=` to match the batch, override the callback's "
+            "`get_model` to return a module that takes the inputs alone, or override "
+            "`split_batch` to return what the model takes."
         ) from error

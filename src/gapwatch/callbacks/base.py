@@ -36,6 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from gapwatch.callbacks import _publishing, _setup
+from gapwatch.callbacks._compiled import uncompiled
 from gapwatch.callbacks._distributed import reduce_stats
 from gapwatch.callbacks._drawing import BatchCollector, is_stream, read_stream
 from gapwatch.callbacks._loss import LossProxy
@@ -50,6 +51,7 @@ from gapwatch.functional._common import (
     evaluation,
     forward_chunks,
 )
+from gapwatch.functional._inputs import Inputs
 from gapwatch.tensorboard import (
     Visuals,
     correlations,
@@ -170,7 +172,7 @@ class ProbeCallback(Callback):
 
     # -- what users may override -----------------------------------------------------
 
-    def split_batch(self, batch: Any) -> tuple[Tensor, Tensor | None]:
+    def split_batch(self, batch: Any) -> tuple[Inputs, Tensor | None]:
         """Split one collated batch into ``(inputs, targets)``; override for custom batches."""
         return split_batch(batch, self.input_key, self.target_key)
 
@@ -327,12 +329,10 @@ class ProbeCallback(Callback):
             heldout=None if heldout is None else _setup.without_ignored(heldout),
             train=_setup.without_ignored(train),
         )
-        self._active, self._num_outputs = _setup.set_up_proxies(
-            self.proxies,
-            self.get_model(pl_module),
-            probes,
-            skip_inapplicable=self._skips_inapplicable,
-        )
+        with uncompiled(self.get_model(pl_module)) as model:
+            self._active, self._num_outputs = _setup.set_up_proxies(
+                self.proxies, model, probes, skip_inapplicable=self._skips_inapplicable
+            )
         self._probes = _setup.shard(probes, trainer, pl_module.device)
 
     def _forward(self, model: nn.Module, probes: Probes, context: Context) -> Outputs:
@@ -349,7 +349,7 @@ class ProbeCallback(Callback):
         inputs = probes[role].inputs
         chunks = forward_chunks(model, inputs, self.batch_size)
         # A process's shard of a probe smaller than the world is empty.
-        empty = [inputs.new_zeros((0, context.num_outputs), dtype=torch.float32)]
+        empty = [torch.zeros((0, context.num_outputs), device=inputs.device)]
         return torch.cat([out for _, _, out in chunks] or empty)
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -367,7 +367,6 @@ class ProbeCallback(Callback):
 
     def _evaluate_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
         assert self._probes is not None  # `_evaluate` checked
-        model = self.get_model(pl_module)
         context = Context(
             generator=torch.Generator(device=pl_module.device).manual_seed(self.seed),
             batch_size=self.batch_size,
@@ -378,7 +377,12 @@ class ProbeCallback(Callback):
             num_outputs=self._num_outputs,
         )
         stats: list[Stats] = []
-        with isolated_rng(), evaluation(model), torch.no_grad():
+        with (
+            uncompiled(self.get_model(pl_module)) as model,
+            isolated_rng(),
+            evaluation(model),
+            torch.no_grad(),
+        ):
             outputs = self._forward(model, self._probes, context)
             for proxy in self._active:
                 stats.append(proxy.statistics(model, self._probes, outputs, context))

@@ -8,6 +8,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from gapwatch.callbacks._perturbation import resolve_perturb_at
 from gapwatch.callbacks._probes import Probes, Role
 from gapwatch.callbacks._proxy import (
     Context,
@@ -15,7 +16,6 @@ from gapwatch.callbacks._proxy import (
     Proxy,
     Stats,
     mean,
-    require_float_inputs,
     sum_and_count,
 )
 from gapwatch.callbacks.base import ProbeCallback
@@ -38,6 +38,7 @@ class JacobianProxy(Proxy):
         *,
         option: str = "output",
         logits_for_regression: bool = False,
+        perturb_at: str | None = None,
     ) -> None:
         check_choice("method", method, ("projection", "exact"))
         check_choice(option, output, ("softmax", "logits"))
@@ -47,12 +48,14 @@ class JacobianProxy(Proxy):
         self.num_projections = num_projections
         self._option = option  # the name of `output` in the user's callback, for messages
         self._logits_for_regression = logits_for_regression
+        self.perturb_at = perturb_at
+        self._at: str | None = None  # what is differentiated in this fit: None is the inputs
         self.last_norms: torch.Tensor | None = None
         self._pending: Tensor | None = None  # norms from `run_probe`, for `statistics`
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """The inputs must be floating point; the softmax Jacobian needs class scores."""
-        require_float_inputs(probes, "The Jacobian norm", "`jacobian=False` in the suite")
+        """Where the Jacobian is taken; the softmax Jacobian needs class scores."""
+        self._at = resolve_perturb_at(model, probes, self.perturb_at, "the Jacobian norm")
         if self.output == "softmax" and num_outputs < 2 and self._logits_for_regression:
             rank_zero_info("gapwatch: the model has one output; the Jacobian norm is of it.")
             self.output = "logits"
@@ -97,6 +100,7 @@ class JacobianProxy(Proxy):
             generator=context.draws(probe),
             reduction="none",
             return_outputs=True,
+            perturb_at=self._at,
         )
 
     def finalize(self, stats: Stats) -> dict[str, float]:
@@ -119,6 +123,10 @@ class JacobianNorm(ProbeCallback):
             ``"exact"``.
         output: Differentiate the softmax probabilities (as Novak et al.) or the logits.
         num_projections: Random projections per sample for ``method="projection"``.
+        perturb_at: Module path whose output the Jacobian is taken against instead of
+            the inputs. By default floating-point inputs; integer inputs (token ids,
+            uint8 images) and keyword inputs use the first ``nn.Embedding``, else the
+            first module with a floating-point output (said in an info line).
         **kwargs: Scheduling and probe options of :class:`~gapwatch.callbacks.ProbeCallback`.
     """
 
@@ -127,6 +135,8 @@ class JacobianNorm(ProbeCallback):
         method: Method = "projection",
         output: Output = "softmax",
         num_projections: int = 3,
+        perturb_at: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__([JacobianProxy(method, output, num_projections)], **kwargs)
+        proxy = JacobianProxy(method, output, num_projections, perturb_at=perturb_at)
+        super().__init__([proxy], **kwargs)

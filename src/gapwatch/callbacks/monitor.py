@@ -41,11 +41,16 @@ class GeneralizationMonitor(ProbeCallback):
             margin (Jiang et al. 2020), from the shared forward pass.
         distance_from_init: Log ``distance_from_init``, the relative Frobenius distance of
             the weights from those at fit start; keeps one copy of the parameters.
-        sigma: Input-noise standard deviation for the sensitivity.
+        sigma: Input-noise standard deviation for the sensitivity (in the units of the
+            ``perturb_at`` module's output when there is one).
         num_draws: Noise draws per probe input.
         jacobian_method: ``"projection"`` or ``"exact"``.
         jacobian_output: ``"softmax"`` or ``"logits"``.
         num_projections: Random projections per sample for the projection method.
+        perturb_at: Module path whose output the sensitivity and the Jacobian norm
+            perturb instead of the inputs; by default the inputs when they are floating
+            point, else the first ``nn.Embedding`` (token ids, keyword inputs) or the first
+            module with a floating-point output (uint8 images), said in an info line.
         normalization: ``"auto"`` (layerwise where that is exact, output otherwise,
             reported once), ``"layerwise"`` (product of layer norms) or ``"output"``
             (output norm on reference inputs, for residual networks).
@@ -90,6 +95,7 @@ class GeneralizationMonitor(ProbeCallback):
         jacobian_method: Literal["projection", "exact"] = "projection",
         jacobian_output: Literal["softmax", "logits"] = "softmax",
         num_projections: int = 3,
+        perturb_at: str | None = None,
         normalization: Literal["auto", "layerwise", "output"] = "auto",
         p: float = 2.0,
         scale: float = 1.0,
@@ -103,7 +109,7 @@ class GeneralizationMonitor(ProbeCallback):
     ) -> None:
         proxies: list[Proxy] = []
         if sensitivity:
-            proxies.append(SensitivityProxy(sigma, num_draws))
+            proxies.append(SensitivityProxy(sigma, num_draws, perturb_at=perturb_at))
         if jacobian:
             proxies.append(
                 JacobianProxy(
@@ -112,6 +118,7 @@ class GeneralizationMonitor(ProbeCallback):
                     num_projections,
                     option="jacobian_output",
                     logits_for_regression=True,
+                    perturb_at=perturb_at,
                 )
             )
         if normalized_loss:

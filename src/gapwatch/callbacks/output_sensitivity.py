@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gapwatch.callbacks._perturbation import resolve_perturb_at, second_moment_stats
 from gapwatch.callbacks._probes import Probes
 from gapwatch.callbacks._proxy import (
     Context,
@@ -15,7 +16,6 @@ from gapwatch.callbacks._proxy import (
     Proxy,
     Stats,
     mean,
-    require_float_inputs,
     sum_and_count,
 )
 from gapwatch.callbacks.base import ProbeCallback
@@ -38,16 +38,24 @@ class SensitivityProxy(Proxy):
     bias-dominated phase, where S is not yet expected to track the held-out loss.
     """
 
-    def __init__(self, sigma: float = 0.1, num_draws: int = 1, use_sigma_term: bool = False):
+    def __init__(
+        self,
+        sigma: float = 0.1,
+        num_draws: int = 1,
+        use_sigma_term: bool = False,
+        perturb_at: str | None = None,
+    ):
         check_positive("sigma", sigma)
         check_positive("num_draws", num_draws, integer=True)
         self.sigma = sigma
         self.num_draws = num_draws
         self.use_sigma_term = use_sigma_term
+        self.perturb_at = perturb_at
+        self._at: str | None = None  # where the noise goes in this fit: None is the inputs
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
-        """Remember K (eq. 9 only applies to classifiers); the inputs must be floating point."""
-        require_float_inputs(probes, "Output sensitivity", "`sensitivity=False` in the suite")
+        """Remember K (eq. 9 only applies to classifiers) and where the noise goes."""
+        self._at = resolve_perturb_at(model, probes, self.perturb_at, "output sensitivity")
         self.num_classes = num_outputs
 
     def statistics(
@@ -65,10 +73,11 @@ class SensitivityProxy(Proxy):
                 clean_outputs=outputs.unlabeled_logits,
                 batch_size=context.batch_size,
                 generator=context.draws(probe),
+                perturb_at=self._at,
             ).double()
         stats = sum_and_count("response", response)
         stats["response_sumsq"] = response.square().sum()
-        stats |= sum_and_count("x2", probe.inputs.double().square().flatten())
+        stats |= second_moment_stats(model, probe.inputs, self._at, context.batch_size)
         if self.num_classes > 1 and probes.train.targets is not None:
             errors = softmax_mse(outputs.train_logits, probes.train.targets, reduction="none")
             stats |= sum_and_count("bias", errors)
@@ -115,6 +124,11 @@ class OutputSensitivity(ProbeCallback):
         num_draws: Noise draws per probe input.
         use_sigma_term: Add eq. 8's bias-variance term Sigma to eq. 9 (off: the paper
             finds it negligible).
+        perturb_at: Module path whose output gets the noise instead of the inputs;
+            ``sigma`` is then in that output's units and eq. 9's ``E[x^2]`` is its second
+            moment. By default floating-point inputs get it; integer inputs (token ids,
+            uint8 images) and keyword inputs perturb the first ``nn.Embedding``, else the
+            first module with a floating-point output (said in an info line).
         **kwargs: Scheduling and probe options of :class:`~gapwatch.callbacks.ProbeCallback`.
 
     Example::
@@ -127,6 +141,8 @@ class OutputSensitivity(ProbeCallback):
         sigma: float = 0.1,
         num_draws: int = 1,
         use_sigma_term: bool = False,
+        perturb_at: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__([SensitivityProxy(sigma, num_draws, use_sigma_term)], **kwargs)
+        proxy = SensitivityProxy(sigma, num_draws, use_sigma_term, perturb_at)
+        super().__init__([proxy], **kwargs)

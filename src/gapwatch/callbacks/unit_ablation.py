@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, get_args
+from typing import Any, cast, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -13,6 +13,7 @@ from tqdm import tqdm
 from gapwatch.callbacks._probes import Probe, Probes, Role
 from gapwatch.callbacks._proxy import (
     Context,
+    NotApplicableError,
     Outputs,
     Proxy,
     Stats,
@@ -26,6 +27,7 @@ from gapwatch.functional._common import (
     check_positive,
     evaluation,
 )
+from gapwatch.functional._inputs import KeywordInputs
 from gapwatch.functional.ablation import (
     AblationResult,
     KappaMethod,
@@ -160,9 +162,18 @@ class AblationProxy(Proxy):
         """Pick (or check) the layer and split the model there, before training starts."""
         require_classes(num_outputs, "Unit ablation")
         require_train_targets(probes, "Unit ablation")
+        if isinstance(probes.train.inputs, KeywordInputs):
+            raise NotApplicableError(
+                "Unit ablation cuts a model that takes one input tensor; this one takes "
+                f"keyword inputs ({', '.join(probes.train.inputs)}). Turn it off "
+                "(`ablation=False` in the suite)."
+            )
         device = next(iter(model.parameters())).device
         if self.layer is None:
-            self.layer = default_layer(model, probes.train.inputs[:2].to(device))
+            try:
+                self.layer = default_layer(model, probes.train.inputs[:2].to(device))
+            except ValueError as error:  # the suite skips it; UnitAblation still refuses
+                raise NotApplicableError(str(error)) from None
             rank_zero_info(f"gapwatch: unit ablation uses layer {self.layer!r}.")
         else:
             _refuse_output_layer(model, self.layer, probes.train.inputs[:2].to(device))
@@ -189,9 +200,8 @@ class AblationProxy(Proxy):
         if int(keep.sum()) > KEPT_CHUNKS * context.batch_size:
             return None  # too many rows to keep their activation: `statistics` streams them
         split = self._split_of(model)
-        activation, live, logits = split.run(
-            probes.train.inputs, batch_size=context.batch_size, keep=keep
-        )
+        inputs = cast(Tensor, probes.train.inputs)  # keyword inputs were refused at setup
+        activation, live, logits = split.run(inputs, batch_size=context.batch_size, keep=keep)
         self._pending = activation, live
         return logits
 

@@ -1,7 +1,10 @@
 """Pure-torch generalization proxies: no Lightning import, ever.
 
 Every function takes a model mapping a batch of inputs to logits (or a regression
-output), a tensor of inputs and keyword-only options; chunks its work with
+output; or an object with ``.logits``, a mapping with ``"logits"``, a tuple with the logits
+first), a tensor of inputs (or :class:`KeywordInputs`, for ``model(**inputs)``) and
+keyword-only options; perturbation proxies take ``perturb_at=`` to perturb a module's
+output instead of the inputs (token ids, keyword inputs); chunks its work with
 ``batch_size`` (``DEFAULT_BATCH_SIZE`` = 128 rows per forward pass unless given, the
 callbacks' default too; ``None``: all rows at once); draws randomness only from the
 ``generator`` it is given; and leaves the model's mode, parameters, ``.grad`` fields and
@@ -9,6 +12,7 @@ BatchNorm buffers as it found them.
 """
 
 from gapwatch.functional._common import DEFAULT_BATCH_SIZE, RowSeeds
+from gapwatch.functional._inputs import KeywordInputs
 from gapwatch.functional.ablation import AblationResult, unit_ablation
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.functional.jacobian import jacobian_norm
@@ -24,6 +28,7 @@ __all__ = [
     "DEFAULT_BATCH_SIZE",
     "AblationResult",
     "GapEstimator",
+    "KeywordInputs",
     "RowSeeds",
     "jacobian_norm",
     "layerwise_obstacle",

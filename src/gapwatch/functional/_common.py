@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gapwatch.functional._inputs import Inputs, KeywordInputs, call_model, logits_of
+
 #: Rows per forward pass when a caller gives no ``batch_size``: every functional proxy's
 #: default and the callbacks'. A row is one input, one noisy input, one loop point or one
 #: masked copy, whatever the proxy feeds the model. Chunks of all rows at once are slower
@@ -71,6 +73,18 @@ def check_inputs(
     Returns:
         The same tensor, for chaining.
     """
+    if isinstance(inputs, KeywordInputs) and not floating:
+        if inputs.shape[0] < min_samples:
+            raise ValueError(
+                f"`{name}` has {inputs.shape[0]} samples; this proxy needs at least {min_samples}."
+            )
+        return inputs  # type: ignore[return-value]
+    if isinstance(inputs, KeywordInputs):
+        raise TypeError(
+            f"`{name}` are keyword inputs ({', '.join(inputs)}), which cannot be perturbed or "
+            "differentiated in place; pass `perturb_at=` naming the module whose output to "
+            "perturb (e.g. the token embedding)."
+        )
     if not isinstance(inputs, Tensor):
         raise TypeError(
             f"`{name}` must be a torch.Tensor of shape [N, ...], got {type(inputs).__name__}."
@@ -111,11 +125,17 @@ def check_targets(targets: Any, num_samples: int) -> Tensor:
 
 
 def as_outputs(out: Any) -> Tensor:
-    """Check what a model returned and bring it to ``[N, K]`` (a ``[N]`` output is ``K = 1``)."""
+    """Check what a model returned and bring it to ``[N, K]`` (a ``[N]`` output is ``K = 1``).
+
+    The logits are the output itself, its ``.logits`` or ``["logits"]``, or the first
+    element of a tuple (:func:`~gapwatch.functional._inputs.logits_of`).
+    """
+    out = logits_of(out)
     if not isinstance(out, Tensor):
         raise TypeError(
-            f"The model returned {type(out).__name__}, but gapwatch needs a model that maps "
-            "inputs to one tensor of logits [N, K] (or a regression output [N] / [N, 1]). "
+            f"The model returned {type(out).__name__}, but gapwatch needs the logits [N, K] (or "
+            "a regression output [N] / [N, 1]): a tensor, an object with `.logits`, a mapping "
+            "with 'logits' or a tuple whose first element is the logits. "
             "With a gapwatch callback, pass `model_attr=` naming the submodule that returns "
             "the logits, or override the callback's `get_model` to return a module that does "
             "(e.g. `nn.Sequential(model, PickLogits())`, with a module picking the logits out)."
@@ -174,8 +194,8 @@ def chunks(num_samples: int, batch_size: int | None) -> Iterator[slice]:
 
 
 def forward_chunks(
-    model: nn.Module, inputs: Tensor, batch_size: int | None
-) -> Iterator[tuple[slice, Tensor, Tensor]]:
+    model: nn.Module, inputs: Inputs, batch_size: int | None
+) -> Iterator[tuple[slice, Inputs, Tensor]]:
     """Run ``model`` over ``inputs`` chunk by chunk on the model's device.
 
     Inputs may live on another device (a probe set kept on the CPU, say); each chunk is
@@ -188,15 +208,18 @@ def forward_chunks(
     device = model_device(model, inputs.device)
     for rows in chunks(inputs.shape[0], batch_size):
         x = model_input(inputs[rows], device)
-        yield rows, x, as_outputs(model(x)).float()
+        yield rows, x, as_outputs(call_model(model, x)).float()
 
 
-def model_input(inputs: Tensor, device: torch.device) -> Tensor:
+def model_input(inputs: Inputs, device: torch.device) -> Inputs:
     """``inputs`` on ``device``: floating point as float32, the proxies' dtype; others as given.
 
     Integer inputs keep their dtype: an embedding takes int64 ids, and a model that
-    converts uint8 images itself would compute garbage on their float values.
+    converts uint8 images itself would compute garbage on their float values. Keyword
+    inputs move tensor by tensor, floating ones as float32.
     """
+    if isinstance(inputs, KeywordInputs):
+        return inputs.to(device=device, dtype=torch.float32)
     if inputs.is_floating_point():
         return inputs.to(device=device, dtype=torch.float32)
     return inputs.to(device=device)

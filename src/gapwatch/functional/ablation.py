@@ -18,7 +18,7 @@ import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, cast, get_args
 
 import torch
 from torch import Tensor, fx, nn
@@ -166,7 +166,7 @@ class LayerSplit:
         parts, outputs = [], []
         with evaluation(self.model), torch.no_grad():
             for rows in chunks(inputs.shape[0], batch_size):
-                x = model_input(inputs[rows], device)
+                x = cast(Tensor, model_input(inputs[rows], device))
                 if whole:
                     activation, live, output = self.whole(x)
                     outputs.append(as_outputs(output).float())

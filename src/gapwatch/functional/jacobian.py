@@ -37,7 +37,10 @@ from gapwatch.functional._common import (
     gradients_enabled,
     make_generator,
     model_device,
+    model_input,
 )
+from gapwatch.functional._inputs import Inputs
+from gapwatch.functional._perturb import check_perturbable, forward_perturbed
 
 Output = Literal["softmax", "logits"]
 Method = Literal["projection", "exact"]
@@ -47,7 +50,7 @@ Reduction = Literal["mean", "none"]
 @overload
 def jacobian_norm(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     *,
     output: Output = ...,
     method: Method = ...,
@@ -56,13 +59,14 @@ def jacobian_norm(
     generator: Draws | None = ...,
     reduction: Reduction = ...,
     return_outputs: Literal[False] = ...,
+    perturb_at: str | None = ...,
 ) -> Tensor: ...
 
 
 @overload
 def jacobian_norm(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     *,
     output: Output = ...,
     method: Method = ...,
@@ -71,12 +75,13 @@ def jacobian_norm(
     generator: Draws | None = ...,
     reduction: Reduction = ...,
     return_outputs: Literal[True],
+    perturb_at: str | None = ...,
 ) -> tuple[Tensor, Tensor]: ...
 
 
 def jacobian_norm(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     *,
     output: Output = "softmax",
     method: Method = "projection",
@@ -85,6 +90,7 @@ def jacobian_norm(
     generator: Draws | None = None,
     reduction: Reduction = "mean",
     return_outputs: bool = False,
+    perturb_at: str | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Frobenius norm of the input-output Jacobian, ``E_x ||J(x)||_F`` (Novak §3, item 1).
 
@@ -132,6 +138,10 @@ def jacobian_norm(
         reduction: ``"mean"`` over the samples or ``"none"`` for the per-sample norms.
         return_outputs: Also return the model's outputs on ``inputs``, from the forward
             pass the Jacobian needed anyway, so a caller that wants both runs one pass.
+        perturb_at: Module path whose output ``h`` is the variable the Jacobian is taken
+            against, ``d f / d h`` (Frobenius over all entries of ``h``), instead of the
+            inputs; needed for integer inputs (token ids: e.g. the embedding) and keyword
+            inputs (``model(**inputs)``). ``None``: the inputs.
 
     Returns:
         A float32 tensor on the model's device: 0-d for ``"mean"``, ``[N]`` for ``"none"``;
@@ -141,10 +151,11 @@ def jacobian_norm(
     Raises:
         ValueError: If an option is unknown or not positive, or if ``output="softmax"``
             meets a one-output model.
-        TypeError: If the inputs are not a floating tensor or the model does not return
-            one tensor.
+        TypeError: If the inputs are not a floating tensor and ``perturb_at`` is not
+            given, or the model's output holds no logits.
     """
-    check_inputs(inputs)
+    check_perturbable(model, inputs, perturb_at)
+    check_inputs(inputs, floating=perturb_at is None)
     check_float32_model(model)
     check_choice("output", output, ("softmax", "logits"))
     check_choice("method", method, ("projection", "exact"))
@@ -161,10 +172,13 @@ def jacobian_norm(
     norms, outputs = [], []
     with evaluation(model), gradients_enabled():
         for rows in chunks(inputs.shape[0], batch_size):
-            # A copy: inputs made under inference mode cannot enter autograd.
-            x = inputs[rows].to(device=device, dtype=torch.float32, copy=True)
-            x.requires_grad_(True)
-            logits = as_outputs(model(x)).float()
+            if perturb_at is None:
+                # A copy: inputs made under inference mode cannot enter autograd.
+                x = inputs[rows].to(device=device, dtype=torch.float32, copy=True)
+                x.requires_grad_(True)
+                logits = as_outputs(model(x)).float()
+            else:
+                x, logits = _at_module(model, inputs[rows], device, perturb_at)
             softmax = None
             if output == "softmax":
                 check_classifier(logits.shape[1], "`jacobian_norm(output='softmax')`")
@@ -193,6 +207,20 @@ def jacobian_norm(
     if reduction == "mean":
         norm = norm.mean()
     return (norm, torch.cat(outputs)) if return_outputs else norm
+
+
+def _at_module(
+    model: nn.Module, inputs: Inputs, device: torch.device, path: str
+) -> tuple[Tensor, Tensor]:
+    """The output ``h`` of the module at ``path``, made a leaf, and the logits from it."""
+    leaves: list[Tensor] = []
+
+    def as_leaf(h: Tensor) -> Tensor:
+        leaves.append(h.detach().requires_grad_(True))
+        return leaves[-1]
+
+    logits = as_outputs(forward_perturbed(model, model_input(inputs, device), path, as_leaf))
+    return leaves[0], logits.float()
 
 
 def _squared_vjp(logits: Tensor, x: Tensor, vector: Tensor) -> Tensor:

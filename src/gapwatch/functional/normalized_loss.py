@@ -36,6 +36,7 @@ from gapwatch.functional._common import (
     model_device,
     model_input,
 )
+from gapwatch.functional._inputs import Inputs, KeywordInputs
 
 __all__ = ["normalization_factor", "normalized_cross_entropy"]
 
@@ -103,7 +104,7 @@ def normalization_factor(
     *,
     mode: str = "layerwise",
     p: float = 2,
-    reference_inputs: Tensor | None = None,
+    reference_inputs: Inputs | None = None,
     log: bool = False,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
 ) -> Tensor:
@@ -162,12 +163,12 @@ def normalization_factor(
 @torch.no_grad()
 def normalized_cross_entropy(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     *,
     mode: str = "layerwise",
     p: float = 2,
-    reference_inputs: Tensor | None = None,
+    reference_inputs: Inputs | None = None,
     scale: float = 1.0,
     batch_size: int | None = DEFAULT_BATCH_SIZE,
     logits: Tensor | None = None,
@@ -275,7 +276,7 @@ def _warn_if_not_homogeneous(model: nn.Module) -> bool:
 
 
 def _output_log_norm(
-    model: nn.Module, reference_inputs: Tensor | None, p: float, batch_size: int | None
+    model: nn.Module, reference_inputs: Inputs | None, p: float, batch_size: int | None
 ) -> Tensor:
     """Log of the mean L_p norm of the model's outputs on the reference inputs (appendix H)."""
     if reference_inputs is None:
@@ -292,7 +293,7 @@ def _output_log_norm(
 
 
 def _output_chunks(
-    model: nn.Module, inputs: Tensor, batch_size: int | None, state: dict[str, Tensor] | None = None
+    model: nn.Module, inputs: Inputs, batch_size: int | None, state: dict[str, Tensor] | None = None
 ) -> Iterator[tuple[slice, Tensor]]:
     """Float32 outputs ``[n, K]`` chunk by chunk, optionally with parameters/buffers replaced.
 
@@ -301,7 +302,9 @@ def _output_chunks(
     """
     device = model_device(model, inputs.device)
     for rows in chunks(inputs.shape[0], batch_size):
-        outputs = functional_call(model, state or {}, (model_input(inputs[rows], device),))
+        x = model_input(inputs[rows], device)
+        args, kwargs = ((), dict(x)) if isinstance(x, KeywordInputs) else ((x,), None)
+        outputs = functional_call(model, state or {}, args, kwargs)
         yield rows, as_outputs(outputs).float()
 
 

@@ -31,14 +31,17 @@ from gapwatch.functional._common import (
     evaluation,
     make_generator,
     model_device,
+    model_input,
 )
+from gapwatch.functional._inputs import Inputs, call_model
+from gapwatch.functional._perturb import check_perturbable, forward_perturbed
 
 _WEIGHTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def output_sensitivity(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     *,
     sigma: float = 0.1,
     after_softmax: bool = False,
@@ -46,6 +49,7 @@ def output_sensitivity(
     batch_size: int | None = DEFAULT_BATCH_SIZE,
     generator: Draws | None = None,
     clean_outputs: Tensor | None = None,
+    perturb_at: str | None = None,
 ) -> Tensor:
     """Sensitivity S of the model's outputs to Gaussian input noise (Forouzesh eq. 2).
 
@@ -78,6 +82,11 @@ def output_sensitivity(
         clean_outputs: ``f(inputs)`` as ``[N, K]`` (or ``[N]``) if the caller already has
             it, e.g. from a shared clean forward pass; the clean pass is then skipped and
             only the ``N * num_draws`` noisy inputs are run.
+        perturb_at: Module path whose output ``h`` is perturbed instead of the inputs
+            (``h + eps``, ``eps ~ N(0, sigma^2 I)`` on every entry of ``h``); needed for
+            integer inputs (token ids: e.g. the embedding) and keyword inputs
+            (``model(**inputs)``). ``sigma`` is then in the units of ``h``, and eq. 9's
+            ``E[x^2]`` is ``h``'s second moment. ``None``: the inputs.
 
     Returns:
         A 0-d float32 tensor on the model's device.
@@ -86,8 +95,8 @@ def output_sensitivity(
         ValueError: If ``sigma``, ``num_draws`` or ``batch_size`` is not positive, if
             ``clean_outputs`` does not match the inputs and the model, or if
             ``after_softmax`` meets a one-output model.
-        TypeError: If the inputs are not a floating tensor or the model does not return
-            one tensor.
+        TypeError: If the inputs are not a floating tensor and ``perturb_at`` is not
+            given, or the model's output holds no logits.
     """
     responses = _responses(
         model,
@@ -98,6 +107,7 @@ def output_sensitivity(
         batch_size=batch_size,
         generator=generator,
         clean_outputs=clean_outputs,
+        perturb_at=perturb_at,
     )
     with evaluation(model), torch.no_grad():
         return _population_variance(responses).mean().float()
@@ -105,7 +115,7 @@ def output_sensitivity(
 
 def noise_response(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     *,
     sigma: float = 0.1,
     after_softmax: bool = False,
@@ -113,6 +123,7 @@ def noise_response(
     batch_size: int | None = DEFAULT_BATCH_SIZE,
     generator: Draws | None = None,
     clean_outputs: Tensor | None = None,
+    perturb_at: str | None = None,
 ) -> Tensor:
     """The output noise of every (input, draw) pair, whose variance is S (eq. 2).
 
@@ -137,6 +148,7 @@ def noise_response(
         batch_size=batch_size,
         generator=generator,
         clean_outputs=clean_outputs,
+        perturb_at=perturb_at,
     )
     with evaluation(model), torch.no_grad():
         return torch.cat(list(responses))
@@ -144,7 +156,7 @@ def noise_response(
 
 def _responses(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     *,
     sigma: float,
     after_softmax: bool,
@@ -152,6 +164,7 @@ def _responses(
     batch_size: int | None,
     generator: Draws | None,
     clean_outputs: Tensor | None,
+    perturb_at: str | None,
 ) -> Iterator[Tensor]:
     """The rows of :func:`noise_response`, chunk by chunk; the caller sets eval mode.
 
@@ -159,7 +172,8 @@ def _responses(
     clean output of a chunk's last input is carried over, as the next chunk may hold
     more of its draws. Only one chunk's outputs are alive at a time.
     """
-    check_inputs(inputs)
+    check_perturbable(model, inputs, perturb_at)
+    check_inputs(inputs, floating=perturb_at is None)
     check_float32_model(model)
     check_positive("sigma", sigma)
     check_positive("num_draws", num_draws, integer=True)
@@ -183,12 +197,20 @@ def _responses(
             clean = softmax(clean, dim=1)
         pair_ids = torch.arange(pairs.start, pairs.stop, device=device)
         rows = pair_ids // num_draws
-        x = inputs[first:stop].to(device=device, dtype=torch.float32)
+        x = model_input(inputs[first:stop], device)
         if num_draws > 1:
             x = x[rows - first]
-        # In place: one input-sized allocation per chunk, not three.
-        noise = draw(generator, rows, x.shape[1:], device, streams=pair_ids % num_draws)
-        noisy = _forward(model, noise.mul_(sigma).add_(x), device)
+        streams = pair_ids % num_draws
+
+        def add_noise(h: Tensor, rows: Tensor = rows, streams: Tensor = streams) -> Tensor:
+            # In place: one input-sized allocation per chunk, not three.
+            noise = draw(generator, rows, h.shape[1:], device, streams=streams)
+            return noise.mul_(sigma).add_(h)
+
+        if perturb_at is None:
+            noisy = _forward(model, add_noise(cast(Tensor, x)), device)
+        else:
+            noisy = as_outputs(forward_perturbed(model, x, perturb_at, add_noise)).float()
         if noisy.shape[1] != clean.shape[1]:
             raise ValueError(
                 f"`clean_outputs` has {clean.shape[1]} columns but the model returns "
@@ -200,9 +222,9 @@ def _responses(
         yield eps_y if after_softmax else eps_y.mean(dim=1, keepdim=True)
 
 
-def _forward(model: nn.Module, x: Tensor, device: torch.device) -> Tensor:
+def _forward(model: nn.Module, x: Inputs, device: torch.device) -> Tensor:
     """``model(x)`` as checked float32 ``[n, K]`` outputs, ``x`` moved to ``device``."""
-    return as_outputs(model(x.to(device=device, dtype=torch.float32))).float()
+    return as_outputs(call_model(model, model_input(x, device))).float()
 
 
 def _checked_clean_outputs(clean_outputs: Tensor, num_samples: int) -> Tensor:
