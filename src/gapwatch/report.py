@@ -24,7 +24,7 @@ from matplotlib.ticker import LogFormatter
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gapwatch.functional.gap_estimator import GapEstimator
-from gapwatch.tensorboard import CORR, HELDOUT_LOSS, kendall, proxy_names
+from gapwatch.tensorboard import BANDS, CORR, HELDOUT_LOSS, SE, kendall, proxy_names
 
 TARGETS = (HELDOUT_LOSS, "gap")
 # Two points always correlate perfectly; three is the least that says anything.
@@ -219,8 +219,13 @@ def build_report(logdir: str | Path, prefix: str = "gapwatch/") -> Report:
     logdir = Path(logdir)
     runs = []
     for run in find_runs(logdir):
-        # Within-run correlations (corr/<proxy>) describe training curves, not end points.
-        final = {n: v for n, v in final_scalars(run, prefix).items() if not n.startswith(CORR)}
+        # Within-run correlations (corr/<proxy>) describe training curves, not end points;
+        # standard errors and their bands describe one run's probe, not the sweep.
+        final = {
+            n: v
+            for n, v in final_scalars(run, prefix).items()
+            if not n.startswith((CORR, BANDS)) and not n.endswith(SE)
+        }
         runs.append({"run": run.relative_to(logdir).as_posix(), **final})
     found = {name for row in runs for name in row} - {"run"}
     if not found:

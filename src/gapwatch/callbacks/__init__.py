@@ -5,6 +5,7 @@ from gapwatch.callbacks.jacobian_norm import JacobianNorm
 from gapwatch.callbacks.monitor import GeneralizationMonitor
 from gapwatch.callbacks.normalized_loss import NormalizedLoss
 from gapwatch.callbacks.output_sensitivity import OutputSensitivity
+from gapwatch.callbacks.prediction_changes import PredictionChanges
 from gapwatch.callbacks.transitions import Transitions
 from gapwatch.callbacks.unit_ablation import UnitAblation
 
@@ -13,6 +14,7 @@ __all__ = [
     "JacobianNorm",
     "NormalizedLoss",
     "OutputSensitivity",
+    "PredictionChanges",
     "ProbeCallback",
     "Transitions",
     "UnitAblation",

@@ -208,6 +208,8 @@ class ProbeCallback(Callback):
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
             self._collector = None
+            for proxy in self.proxies:
+                proxy.reset()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the TensorBoard run for the figures, and where monitors read gapwatch's values."""
@@ -299,12 +301,15 @@ class ProbeCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the curves without a second step 0."""
-        return {"last_step": self.last_step, "history": self.history}
+        proxies = [proxy.state_dict() for proxy in self.proxies]
+        return {"last_step": self.last_step, "history": self.history, "proxies": proxies}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict``."""
         self.last_step = state_dict["last_step"]
         self.history = list(state_dict["history"])
+        for proxy, state in zip(self.proxies, state_dict.get("proxies", ()), strict=False):
+            proxy.load_state_dict(state)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -401,8 +406,9 @@ class ProbeCallback(Callback):
 
     def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         first = not self.history
+        expected = {n for p in self._active for n in p.undefined_at_first} if first else set()
         self._warned_nonfinite |= _publishing.publish(
-            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite
+            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite, quiet=expected
         )
         self.history.append({"step": float(step), **metrics})
         self.last_step = step

@@ -9,6 +9,7 @@ from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.callbacks.jacobian_norm import JacobianProxy
 from gapwatch.callbacks.normalized_loss import NormalizedLossProxy
 from gapwatch.callbacks.output_sensitivity import SensitivityProxy
+from gapwatch.callbacks.prediction_changes import PredictionChangesProxy
 from gapwatch.callbacks.transitions import TransitionsProxy
 from gapwatch.callbacks.unit_ablation import AblationProxy
 from gapwatch.functional.ablation import KappaMethod
@@ -34,6 +35,9 @@ class GeneralizationMonitor(ProbeCallback):
             ``log_norm_product``.
         ablation: Log ``ablation_zeta``, ``ablation_kappa`` (and ``estimated_gap``).
         transitions: Log ``transitions``.
+        prediction_changes: Log ``prediction_changes``, the fraction of train-probe
+            samples whose predicted class changed since the previous evaluation (Yuan et
+            al.'s label wave; free: it compares the shared logits).
         sigma: Input-noise standard deviation for the sensitivity.
         num_draws: Noise draws per probe input.
         jacobian_method: ``"projection"`` or ``"exact"``.
@@ -75,6 +79,7 @@ class GeneralizationMonitor(ProbeCallback):
         normalized_loss: bool = True,
         ablation: bool = True,
         transitions: bool = False,
+        prediction_changes: bool = True,
         *,
         sigma: float = 0.1,
         num_draws: int = 1,
@@ -111,5 +116,7 @@ class GeneralizationMonitor(ProbeCallback):
             proxies.append(AblationProxy(layer, max_classes, gap_coefficients, kappa))
         if transitions:
             proxies.append(TransitionsProxy(num_points, max_images))
+        if prediction_changes:
+            proxies.append(PredictionChangesProxy())
         super().__init__(proxies, **kwargs)
         self._skips_inapplicable = True
