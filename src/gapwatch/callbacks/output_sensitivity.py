@@ -71,7 +71,8 @@ class SensitivityProxy(Proxy):
         # One input's draws share it: the input, not the draw, is the unit of the error.
         per_input = response.reshape(-1, self.num_draws * response.shape[1])
         stats |= cluster_sums("response", per_input)
-        stats |= sum_and_count("x2", probe.inputs.double().square().flatten())
+        x2 = probe.inputs.double().square()  # only its mean is needed: no sum of squares
+        stats |= {"x2_sum": x2.sum(), "x2_count": x2.new_tensor(x2.numel())}
         if self.num_classes > 1 and probes.train.targets is not None:
             errors = softmax_mse(outputs.train_logits, probes.train.targets, reduction="none")
             stats |= sum_and_count("bias", errors)
