@@ -115,8 +115,8 @@ class NormalizedLossProxy(Proxy):
             if probe.targets is None:
                 continue
             if not len(probe):  # a process's shard of a probe smaller than the world
-                stats[f"normalized_{role}_loss_sum"] = torch.zeros((), dtype=torch.float64)
-                stats[f"normalized_{role}_loss_count"] = torch.zeros((), dtype=torch.float64)
+                empty = torch.zeros(0, dtype=torch.float64)
+                stats |= sum_and_count(f"normalized_{role}_loss", empty, self._center)
                 continue
             # Logits that overflowed do not mean that f / rho did: without them, layerwise
             # mode evaluates the network with normalized weights instead.
