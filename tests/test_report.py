@@ -41,7 +41,7 @@ TINY = {
 PROXIES = {
     "ablation_kappa", "ablation_zeta", "bias_fraction", "jacobian_norm", "log_norm_product",
     "normalized_test_loss", "normalized_train_loss", "predicted_test_loss",
-    "predicted_test_loss_bias", "sensitivity",
+    "predicted_test_loss_bias", "sensitivity", "prediction_changes",
 }  # fmt: skip
 MEASURED = ["test_loss", "gap", "test_acc", "train_acc", "train_loss"]
 
@@ -60,8 +60,9 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("sweep")
     tiny_sweep(root, widths=(4, 16), noises=(0.0, 0.5, 1.0))
     monitor = GeneralizationMonitor(
-        sensitivity=False, jacobian=False, normalized_loss=False, ablation=False, probe_size=64
-    )
+        sensitivity=False, jacobian=False, normalized_loss=False, ablation=False,
+        prediction_changes=False, probe_size=64,
+    )  # fmt: skip
     logger = TensorBoardLogger(root, name="losses_only")
     fit(root, [monitor], logger=logger, max_epochs=1, limit_train_batches=4, log_every_n_steps=1)
     return root

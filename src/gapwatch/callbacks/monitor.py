@@ -112,11 +112,11 @@ class GeneralizationMonitor(ProbeCallback):
             )
         if normalized_loss:
             proxies.append(NormalizedLossProxy(normalization, p, scale, option="normalization"))
+        if prediction_changes:
+            proxies.append(PredictionChangesProxy())
         if ablation:
             proxies.append(AblationProxy(layer, max_classes, gap_coefficients, kappa))
         if transitions:
             proxies.append(TransitionsProxy(num_points, max_images))
-        if prediction_changes:
-            proxies.append(PredictionChangesProxy())
         super().__init__(proxies, **kwargs)
         self._skips_inapplicable = True
