@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from gapwatch import GeneralizationMonitor
+from gapwatch.callbacks.unit_ablation import AblationProxy
 from gapwatch.demo import digits_cnn
 
 BATCH = 128
@@ -187,7 +188,8 @@ def _measure(setting: Setting, probe_size: int, sizes: Sizes) -> dict[str, Any]:
 
     def evaluate() -> None:
         spent.clear()
-        callback._done_at = None  # _evaluate skips a step it has already evaluated
+        # _evaluate skips a step it has already evaluated (by global step and by logged step)
+        callback._done_at = callback.last_step = None
         callback._evaluate(trainer, model)
         parts.append(_breakdown(spent))
 
@@ -216,7 +218,7 @@ def _measure(setting: Setting, probe_size: int, sizes: Sizes) -> dict[str, Any]:
     return row(
         5,
         "monitor_suite",
-        f"{setting.label}, probe_size={probe_size}, ablation layer {callback.proxies[-1].layer!r}",
+        f"{setting.label}, probe_size={probe_size}, ablation layer {_ablated(callback)!r}",
         metrics={
             "suite_in_samples": BATCH * timings.ratio("suite", "train_step"),
             "first_in_samples": statistics.median(first_seconds) / sample,
@@ -239,9 +241,14 @@ def _measure(setting: Setting, probe_size: int, sizes: Sizes) -> dict[str, Any]:
     )
 
 
+def _ablated(callback: GeneralizationMonitor) -> str | None:
+    return next(p.layer for p in callback.proxies if isinstance(p, AblationProxy))
+
+
 def _time_evaluation(callback: GeneralizationMonitor, trainer: Trainer, model: Classifier) -> float:
     """Seconds of one regular evaluation of ``callback`` (at the fit's last step)."""
-    callback._done_at = None  # _evaluate skips a step it has already evaluated
+    # _evaluate skips a step it has already evaluated (by global step and by logged step)
+    callback._done_at = callback.last_step = None
     start = time.perf_counter()
     callback._evaluate(trainer, model)
     return time.perf_counter() - start

@@ -103,6 +103,10 @@ def test_main_job_on_digits_writes_logs_and_report(tmp_path, capsys):
     report = next(tmp_path.rglob("report.md")).read_text()
     assert "| step |" in report
     assert "Training ran all 2 of 2 epochs; EarlyStopping did not stop it." in report
+    # The early phase at log-spaced steps (log_steps=8), then the epoch ends.
+    cells = [line.split("|")[1].strip() for line in report.splitlines() if line.startswith("| ")]
+    steps = [int(cell) for cell in cells if cell.isdigit()]
+    assert steps[:6] == [0, 1, 2, 4, 8, 16]
     assert f"tensorboard --logdir {tmp_path}" in out
     assert f"gapwatch report {tmp_path}" in out
     # Piped output as a log file holds it: no carriage returns, nothing over 100 columns.

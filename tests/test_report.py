@@ -48,6 +48,7 @@ PROXIES = {
     "ablation_kappa", "ablation_zeta", "bias_fraction", "jacobian_norm", "log_norm_product",
     "normalized_test_loss", "normalized_train_loss", "predicted_test_loss",
     "predicted_test_loss_bias", "sensitivity", "margin_q10", "distance_from_init",
+    "prediction_changes",
 }  # fmt: skip
 MEASURED = ["test_loss", "gap", "test_acc", "train_acc", "train_loss"]
 
@@ -72,6 +73,7 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ablation=False,
         margin=False,
         distance_from_init=False,
+        prediction_changes=False,
         probe_size=64,
     )
     logger = TensorBoardLogger(root, name="losses_only")

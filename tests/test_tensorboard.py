@@ -16,6 +16,7 @@ from gapwatch.functional.ablation import ablation_summary
 from gapwatch.tensorboard import (
     Visuals,
     ablation_figure,
+    band_edges,
     correlations,
     layout,
     proxy_names,
@@ -300,3 +301,27 @@ def test_visuals_only_for_a_tensorboard_logger(tmp_path):
     visuals = Visuals.of(Trainer(logger=[csv, board], accelerator="cpu"), "g/", 1)
     assert visuals is not None
     assert visuals.logger is board
+
+
+def test_standard_errors_and_their_bands_are_not_proxies():
+    metrics = {**_history(1)[0], "sensitivity_se": 1e-6, "bands/sensitivity/lower": 0.0}
+    assert "sensitivity_se" not in proxy_names(metrics)
+    assert not [n for n in proxy_names(metrics) if n.startswith("bands/")]
+    assert not [n for n in correlations([*_history(), metrics]) if n.endswith("_se")]
+
+
+def test_a_quantity_with_an_error_is_a_margin_chart_of_its_band():
+    metrics = {"test_loss": 0.5, "test_loss_se": 0.1, "sensitivity": 1e-4}
+    charts = layout(metrics, "gw/")["gw: sensitivity"]
+    assert charts == {
+        "sensitivity": ["Multiline", ["gw/sensitivity$"]],
+        "test_loss": [
+            "Margin",
+            ["gw/test_loss", "gw/bands/test_loss/lower", "gw/bands/test_loss/upper"],
+        ],
+    }
+    assert band_edges(metrics) == {
+        "bands/test_loss/lower": pytest.approx(0.4),
+        "bands/test_loss/upper": pytest.approx(0.6),
+    }
+    assert band_edges({"x": 1.0, "x_se": math.nan}) == {}

@@ -25,7 +25,7 @@ import numpy as np
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.report_runs import ReportError, Scalar, final_scalars, find_runs, read_run
 from gapwatch.report_stats import RANKING_FIELDS, rankings, varying_axes
-from gapwatch.tensorboard import CORR, HELDOUT_LOSS, kendall, proxy_names
+from gapwatch.tensorboard import BANDS, CORR, HELDOUT_LOSS, SE, kendall, proxy_names
 
 __all__ = ["CORRELATION_FIELDS", "RANKING_FIELDS", "Report", "ReportError", "build_report",
            "correlations", "final_scalars", "find_runs", "fit_gap", "kendall", "pearson",
@@ -198,8 +198,13 @@ def build_report(
     runs, hparams = [], []
     for run in find_runs(logdir):
         final, found_hparams = read_run(run, prefix)
-        # Within-run correlations (corr/<proxy>) describe training curves, not end points.
-        final = {n: v for n, v in final.items() if not n.startswith(CORR)}
+        # Within-run correlations (corr/<proxy>) describe training curves, not end points;
+        # standard errors and their bands describe one run's probe, not the sweep.
+        final = {
+            n: v
+            for n, v in final.items()
+            if not n.startswith((CORR, BANDS)) and not n.endswith(SE)
+        }
         runs.append({"run": run.relative_to(logdir).as_posix(), **final})
         hparams.append(found_hparams)
     found = {name for row in runs for name in row} - {"run"}

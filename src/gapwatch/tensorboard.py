@@ -37,11 +37,32 @@ HELDOUT_LOSS = "test_loss"
 GAP_NAMES = ("train_acc", "test_acc", "gap")
 _NOT_PROXIES = frozenset({"step", HELDOUT_LOSS, "train_loss", *GAP_NAMES})
 CORR = "corr/"
+#: Standard errors (``<name>_se``) and the band edges drawn from them (``bands/<name>/...``).
+SE, BANDS = "_se", "bands/"
 
 
 def proxy_names(metrics: Mapping[str, object]) -> list[str]:
-    """The proxies among ``metrics``: everything but losses, accuracies, gap and correlations."""
-    return [n for n in metrics if n not in _NOT_PROXIES and not n.startswith(CORR)]
+    """The proxies among ``metrics``: not losses, accuracies, gap, correlations or errors."""
+    return [
+        n
+        for n in metrics
+        if n not in _NOT_PROXIES and not n.startswith((CORR, BANDS)) and not n.endswith(SE)
+    ]
+
+
+def band_edges(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``bands/<name>/lower`` and ``/upper``: each value minus and plus its standard error.
+
+    TensorBoard's margin charts draw a band between two logged tags; names whose value or
+    error is not finite get none.
+    """
+    edges = {}
+    for name, value in metrics.items():
+        error = metrics.get(name + SE)
+        if error is not None and math.isfinite(value) and math.isfinite(error):
+            edges[f"{BANDS}{name}/lower"] = value - error
+            edges[f"{BANDS}{name}/upper"] = value + error
+    return edges
 
 
 def _pairs(history: History, proxy: str) -> np.ndarray:
@@ -231,14 +252,22 @@ def layout(metrics: Mapping[str, float], prefix: str) -> dict[str, dict[str, lis
     Returns:
         The ``layout`` argument of ``SummaryWriter.add_custom_scalars``: a category per
         proxy with its chart and the held-out loss's side by side, one for accuracy and
-        gap, and one of the running Kendall correlations, a chart per proxy.
+        gap, and one of the running Kendall correlations, a chart per proxy. A quantity
+        with a standard error is a margin chart: its value within one standard error
+        (the ``bands/`` tags that :class:`Visuals` writes).
     """
     title = prefix.rstrip("/") or "gapwatch"
     loss = [HELDOUT_LOSS] if HELDOUT_LOSS in metrics else []
     proxies = proxy_names(metrics)
 
+    def chart(name: str) -> list[Any]:
+        if name + SE in metrics:  # exact tags, not expressions: the value and its band
+            edges = [f"{prefix}{BANDS}{name}/{edge}" for edge in ("lower", "upper")]
+            return ["Margin", [prefix + name, *edges]]
+        return ["Multiline", [_anchored(prefix + name)]]
+
     def charts(names: Sequence[str]) -> dict[str, list[Any]]:
-        return {name: ["Multiline", [_anchored(prefix + name)]] for name in names}
+        return {name: chart(name) for name in names}
 
     categories = {f"{title}: {proxy}": charts([proxy, *loss]) for proxy in proxies}
     accuracy = [n for n in (*GAP_NAMES, "train_loss", *loss) if n in metrics]
@@ -284,7 +313,7 @@ class Visuals:
         return cls(logger, prefix, every_n_evaluations)
 
     def update(self, history: History, artifacts: Mapping[str, object], step: int) -> None:
-        """Write one evaluation: the layout (first time only), figures and histograms.
+        """Write one evaluation: the layout (first time only), bands, figures, histograms.
 
         Args:
             history: Every evaluation so far, the current one last.
@@ -298,6 +327,8 @@ class Visuals:
         writer = self.logger.experiment
         if self._evaluations == 0:
             writer.add_custom_scalars(layout(history[-1], self.prefix))
+        for tag, edge in band_edges(history[-1]).items():
+            writer.add_scalar(self.prefix + tag, edge, step)
         every = self.every_n_evaluations
         draw = every > 0 and self._evaluations % every == 0
         self._evaluations += 1

@@ -411,14 +411,15 @@ def test_the_suite_on_a_regression_model_runs_what_applies(tmp_path, caplog):
         _fit(tmp_path, [monitor], model, _Digits(_values), max_epochs=1, limit_train_batches=3)
     final = monitor.history[-1]
     logged = {n for n in final if not n.startswith("corr/")}
-    assert logged == {
-        "step", "test_loss", "train_loss", "sensitivity", "jacobian_norm", "distance_from_init"
-    }  # fmt: skip
+    values = {"test_loss", "train_loss", "sensitivity", "jacobian_norm"}
+    se = {f"{n}_se" for n in values}
+    assert logged == {"step", *values, *se, "distance_from_init"}
     assert all(math.isfinite(v) for v in final.values())
     skipped = [r.message for r in caplog.records if r.message.startswith("gapwatch: skipping")]
     assert [m.split(":")[1].strip() for m in skipped] == [
         "skipping NormalizedLoss",
         "skipping Margin",
+        "skipping PredictionChanges",
         "skipping Ablation",
     ]
     assert all("K >= 2" in m for m in skipped)

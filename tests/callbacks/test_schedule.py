@@ -6,12 +6,13 @@ import pytest
 import torch
 from lightning.pytorch import Callback, LightningDataModule
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from gapwatch import NormalizedLoss, OutputSensitivity
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 
-from .conftest import fit, make_trainer
+from .conftest import fit, make_trainer, read_scalars, repeated_points
 
 MONITOR = "gapwatch/normalized_train_loss"
 
@@ -117,3 +118,29 @@ def test_heldout_test_with_the_setup_stage_pattern(tmp_path):
     torch.testing.assert_close(
         gapwatch._probes.heldout.inputs.sum(0), data.test_set.tensors[0].sum(0)
     )
+
+
+def test_log_steps_adds_log_spaced_early_points_once_each(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", default_hp_metric=False)
+    monitor = OutputSensitivity(probe_size=64, log_steps=6)
+    trainer, _ = fit(tmp_path, [monitor], max_epochs=2, logger=logger)
+    per_epoch = trainer.num_training_batches
+    # 1, 2, ..., 32 (the cap: 2**5), and the epoch ends, on the axis of logged steps.
+    early = [1, 2, 4, 8, 16, 32]
+    ends = [per_epoch - 1, 2 * per_epoch - 1]
+    expected = sorted({0, *[s for s in early if s < 2 * per_epoch], *ends})
+    assert 2 * per_epoch - 1 > 32, "the fit must reach the cap for this test"
+    assert [int(h["step"]) for h in monitor.history] == expected
+    scalars = read_scalars(logger.log_dir)
+    for tag in ("gapwatch/test_loss", "gapwatch/bias_fraction", "gapwatch/sensitivity_se"):
+        assert sorted(scalars[tag]) == expected, tag
+    assert repeated_points(logger.log_dir) == {}
+    # The early points see the model move: the held-out loss falls between them.
+    losses = [h["test_loss"] for h in monitor.history]
+    assert losses[0] > losses[3] > losses[-1]
+
+
+@pytest.mark.parametrize("log_steps", [-1, True, 2.0])
+def test_log_steps_must_be_a_non_negative_integer(log_steps):
+    with pytest.raises(ValueError, match=r"log_steps.*non-negative integer"):
+        OutputSensitivity(log_steps=log_steps)

@@ -7,6 +7,7 @@ from gapwatch.callbacks.monitor import GeneralizationMonitor
 from gapwatch.callbacks.normalized_loss import NormalizedLoss
 from gapwatch.callbacks.output_margin import OutputMargin
 from gapwatch.callbacks.output_sensitivity import OutputSensitivity
+from gapwatch.callbacks.prediction_changes import PredictionChanges
 from gapwatch.callbacks.transitions import Transitions
 from gapwatch.callbacks.unit_ablation import UnitAblation
 
@@ -17,6 +18,7 @@ __all__ = [
     "NormalizedLoss",
     "OutputMargin",
     "OutputSensitivity",
+    "PredictionChanges",
     "ProbeCallback",
     "Transitions",
     "UnitAblation",

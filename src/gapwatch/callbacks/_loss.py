@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probe, Probes
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats, mean, sum_and_count
+from gapwatch.callbacks._uncertainty import difference_se, with_se
 from gapwatch.functional._common import evaluation, forward_chunks
 
 #: The label ``F.cross_entropy`` skips by default; rows carrying it count nowhere.
@@ -82,11 +83,15 @@ class LossProxy(Proxy):
         return stats
 
     def finalize(self, stats: Stats) -> dict[str, float]:
-        """Mean loss and accuracy per probe, and the gap when both probes are present."""
+        """Mean loss and accuracy per probe, and the gap when both probes are present.
+
+        Each comes with its standard error (``_se``; the gap's from two independent probes).
+        """
         names = [n.removesuffix("_sum") for n in stats if n.endswith("_sum")]
-        metrics = {name: mean(stats, name) for name in names}
+        metrics = with_se({name: mean(stats, name) for name in names}, stats)
         if "train_acc" in metrics and "test_acc" in metrics:
             metrics["gap"] = metrics["train_acc"] - metrics["test_acc"]
+            metrics["gap_se"] = difference_se(metrics["train_acc_se"], metrics["test_acc_se"])
         return metrics
 
     def _per_sample(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -131,8 +132,21 @@ class Proxy(ABC):
     configurations must fail.
     """
 
+    #: Metrics that have no value at a fit's first evaluation (logged NaN without a warning).
+    undefined_at_first: tuple[str, ...] = ()
+
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:  # noqa: B027
         """Check the model and probes before training starts (default: nothing to check)."""
+
+    def reset(self) -> None:  # noqa: B027
+        """Forget what an earlier fit left (before a checkpoint is restored; default: nothing)."""
+
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed fit needs from earlier evaluations (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027
+        """Restore ``state_dict`` (default: nothing)."""
 
     def run_probe(
         self, model: nn.Module, probes: Probes, role: Role, context: Context
@@ -173,7 +187,15 @@ def mean(stats: Stats, key: str) -> float:
     return float(stats[f"{key}_sum"]) / count if count > 0 else float("nan")
 
 
-def sum_and_count(key: str, values: Tensor) -> Stats:
-    """The additive form of a per-sample quantity, in float64."""
+def sum_and_count(key: str, values: Tensor, center: float = 0.0) -> Stats:
+    """The additive form of a per-sample quantity, in float64.
+
+    ``_sumsq`` sums ``(x - center)²`` for the standard error (``_uncertainty.mean_se``);
+    a centre near the values keeps it exact when they differ in late decimals.
+    """
     values = values.detach().double()
-    return {f"{key}_sum": values.sum(), f"{key}_count": values.new_tensor(values.numel())}
+    return {
+        f"{key}_sum": values.sum(),
+        f"{key}_sumsq": (values - center).square().sum(),
+        f"{key}_count": values.new_tensor(values.numel()),
+    }

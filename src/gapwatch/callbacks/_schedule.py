@@ -1,4 +1,11 @@
-"""When to evaluate: step 0, every n epochs or steps, and wherever a monitor reads a value.
+"""When to evaluate: step 0, every n epochs or steps, early steps, where a monitor reads.
+
+``log_steps`` adds evaluations at the logged steps 1, 2, 4, ..., ``2**(log_steps - 1)``:
+the early, bias-dominated phase (Forouzesh et al.: ``bias_fraction`` near one, the
+bias-aware prediction not yet meeting the held-out loss) often ends within the first epoch
+of a large data set, between step 0 and the first epoch-end evaluation. The points are
+log-spaced because that phase changes fastest at the start; ``log_steps`` caps them, so
+they cost at most ``log_steps`` evaluations per fit, whatever its length.
 
 ``EarlyStopping`` counts a value it has seen before as no improvement, so a gapwatch
 metric it monitors must be fresh at every check: with ``val_check_interval=0.5`` it checks
@@ -10,6 +17,7 @@ gapwatch metric reads it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from lightning.pytorch import Trainer
@@ -52,3 +60,16 @@ class Checks:
             validation |= not on_epoch_end
             epoch_end |= bool(on_epoch_end)
         return cls(validation, epoch_end, tuple(steps), tuple(readers))
+
+
+def log_spaced(step: int, log_steps: int) -> bool:
+    """Whether ``step`` (on the logged axis) is one of the early points ``1, 2, 4, ...``.
+
+    Args:
+        step: The logged step of the evaluation being considered.
+        log_steps: How many early points there are: steps ``2**k`` for ``k < log_steps``.
+
+    Returns:
+        True for ``step = 2**k`` with ``0 <= k < log_steps``.
+    """
+    return step > 0 and step & (step - 1) == 0 and int(math.log2(step)) < log_steps

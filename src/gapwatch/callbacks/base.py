@@ -18,9 +18,10 @@ the suite with one member. An evaluation:
 
 Evaluations run once before the first optimizer step (step 0), on the last training
 batch of every ``every_n_epochs``-th epoch (after the epoch's final optimizer step, before
-validation and before any ``on_train_epoch_end``), and wherever a callback that monitors
-a gapwatch metric reads it (:mod:`gapwatch.callbacks._schedule`), so that it never sees a
-stale value. Probe sets are set up in :mod:`gapwatch.callbacks._setup`.
+validation and before any ``on_train_epoch_end``), at the early logged steps 1, 2, 4, ...
+with ``log_steps``, and wherever a callback that monitors a gapwatch metric reads it
+(:mod:`gapwatch.callbacks._schedule`), so that it never sees a stale value. Probe sets
+are set up in :mod:`gapwatch.callbacks._setup`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from gapwatch.callbacks._loss import LossProxy
 from gapwatch.callbacks._probes import Probe, Probes, Role, split_batch
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats
 from gapwatch.callbacks._rng import isolated_rng
-from gapwatch.callbacks._schedule import Checks
+from gapwatch.callbacks._schedule import Checks, log_spaced
 from gapwatch.functional._common import (
     DEFAULT_BATCH_SIZE,
     check_choice,
@@ -61,8 +62,9 @@ from gapwatch.tensorboard import (
 )
 
 #: The callback's own settings in the hparams entry (beside each proxy's).
-SETTINGS = ("every_n_epochs", "every_n_train_steps", "probe_size", "batch_size", "heldout",
-            "model_attr", "seed", "figures_every_n_evaluations", "train_stream")  # fmt: skip
+SETTINGS = ("every_n_epochs", "every_n_train_steps", "log_steps", "probe_size", "batch_size",
+            "heldout", "model_attr", "seed", "figures_every_n_evaluations",
+            "train_stream")  # fmt: skip
 
 HeldOut = Literal["val", "test", "none"]
 TrainStream = Literal["batches", "reread"]
@@ -76,6 +78,10 @@ class ProbeCallback(Callback):
             always logged beside them.
         every_n_epochs: Evaluate at the end of every n-th training epoch.
         every_n_train_steps: Also evaluate every n optimizer steps (for short runs).
+        log_steps: Also evaluate at the logged steps ``1, 2, 4, ..., 2**(log_steps - 1)``,
+            to see the early, bias-dominated phase that a long first epoch hides (with
+            ``log_steps=8``: steps 1 to 128). Each point costs one evaluation, so at most
+            ``log_steps`` more per fit; 0 (the default) adds none.
         probe_size: Samples drawn once from each dataset (held-out and train).
         batch_size: Rows per forward pass inside a proxy; bounds the extra memory. The
             Jacobian norm keeps one chunk's graph, about what a training step on a batch
@@ -107,6 +113,7 @@ class ProbeCallback(Callback):
         *,
         every_n_epochs: int = 1,
         every_n_train_steps: int | None = None,
+        log_steps: int = 0,
         probe_size: int = 512,
         batch_size: int = DEFAULT_BATCH_SIZE,
         prefix: str = "gapwatch/",
@@ -122,6 +129,11 @@ class ProbeCallback(Callback):
         check_positive("every_n_epochs", every_n_epochs, integer=True)
         if every_n_train_steps is not None:
             check_positive("every_n_train_steps", every_n_train_steps, integer=True)
+        if isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 0:
+            raise ValueError(
+                "`log_steps` must be a non-negative integer (0: no early points; 8: steps 1, "
+                f"2, 4, ..., 128), got {log_steps!r}."
+            )
         check_positive("probe_size", probe_size, integer=True)
         check_positive("batch_size", batch_size, integer=True)
         if isinstance(figures_every_n_evaluations, bool) or figures_every_n_evaluations < 0:
@@ -141,6 +153,7 @@ class ProbeCallback(Callback):
         self._skips_inapplicable = False
         self.every_n_epochs = every_n_epochs
         self.every_n_train_steps = every_n_train_steps
+        self.log_steps = log_steps
         self.probe_size = probe_size
         self.batch_size = batch_size
         self.prefix = prefix
@@ -210,6 +223,8 @@ class ProbeCallback(Callback):
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
             self._collector = None
+            for proxy in self.proxies:
+                proxy.reset()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Find the TensorBoard run for the figures, and where monitors read gapwatch's values."""
@@ -262,7 +277,7 @@ class ProbeCallback(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        """Evaluate on the last batch of every n-th epoch (or for a monitor), every n steps."""
+        """Evaluate at the end of every n-th epoch (or for a monitor), every n steps, early."""
         if self._collector is not None:
             self._collector.add(batch)
             if self._collector.full:
@@ -277,6 +292,7 @@ class ProbeCallback(Callback):
         if (
             (last_batch and (epoch_due or checks.at_train_epoch_end))
             or any(trainer.global_step % n == 0 for n in steps)
+            or log_spaced(_step(trainer), self.log_steps)
         ):  # fmt: skip
             self._evaluate(trainer, pl_module)
 
@@ -301,12 +317,15 @@ class ProbeCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the curves without a second step 0."""
-        return {"last_step": self.last_step, "history": self.history}
+        proxies = [proxy.state_dict() for proxy in self.proxies]
+        return {"last_step": self.last_step, "history": self.history, "proxies": proxies}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore ``state_dict``."""
         self.last_step = state_dict["last_step"]
         self.history = list(state_dict["history"])
+        for proxy, state in zip(self.proxies, state_dict.get("proxies", ()), strict=False):
+            proxy.load_state_dict(state)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -405,8 +424,9 @@ class ProbeCallback(Callback):
 
     def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         first = not self.history
+        expected = {n for p in self._active for n in p.undefined_at_first} if first else set()
         self._warned_nonfinite |= _publishing.publish(
-            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite
+            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite, quiet=expected
         )
         self.history.append({"step": float(step), **metrics})
         self.last_step = step

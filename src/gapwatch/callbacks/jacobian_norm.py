@@ -18,6 +18,7 @@ from gapwatch.callbacks._proxy import (
     mean,
     sum_and_count,
 )
+from gapwatch.callbacks._uncertainty import with_se
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_choice, check_positive
 from gapwatch.functional.jacobian import Method, Output, jacobian_norm
@@ -104,8 +105,8 @@ class JacobianProxy(Proxy):
         )
 
     def finalize(self, stats: Stats) -> dict[str, float]:
-        """The mean norm."""
-        return {"jacobian_norm": mean(stats, "jacobian_norm")}
+        """The mean norm and its standard error."""
+        return with_se({"jacobian_norm": mean(stats, "jacobian_norm")}, stats)
 
     def artifacts(self) -> dict[str, object]:
         """The per-sample norms of the latest evaluation, for a histogram."""

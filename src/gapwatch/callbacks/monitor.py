@@ -11,6 +11,7 @@ from gapwatch.callbacks.jacobian_norm import JacobianProxy
 from gapwatch.callbacks.normalized_loss import NormalizedLossProxy
 from gapwatch.callbacks.output_margin import MarginProxy
 from gapwatch.callbacks.output_sensitivity import SensitivityProxy
+from gapwatch.callbacks.prediction_changes import PredictionChangesProxy
 from gapwatch.callbacks.transitions import TransitionsProxy
 from gapwatch.callbacks.unit_ablation import AblationProxy
 from gapwatch.functional.ablation import KappaMethod
@@ -41,6 +42,9 @@ class GeneralizationMonitor(ProbeCallback):
             margin (Jiang et al. 2020), from the shared forward pass.
         distance_from_init: Log ``distance_from_init``, the relative Frobenius distance of
             the weights from those at fit start; keeps one copy of the parameters.
+        prediction_changes: Log ``prediction_changes``, the fraction of train-probe
+            samples whose predicted class changed since the previous evaluation (Yuan et
+            al.'s label wave; free: it compares the shared logits).
         sigma: Input-noise standard deviation for the sensitivity (in the units of the
             ``perturb_at`` module's output when there is one).
         num_draws: Noise draws per probe input.
@@ -87,6 +91,7 @@ class GeneralizationMonitor(ProbeCallback):
         normalized_loss: bool = True,
         ablation: bool = True,
         transitions: bool = False,
+        prediction_changes: bool = True,
         *,
         margin: bool = True,
         distance_from_init: bool = True,
@@ -129,6 +134,8 @@ class GeneralizationMonitor(ProbeCallback):
             proxies.append(MarginProxy())
         if distance_from_init:
             proxies.append(DistanceProxy())
+        if prediction_changes:
+            proxies.append(PredictionChangesProxy())
         if ablation:
             proxies.append(AblationProxy(layer, max_classes, gap_coefficients, kappa))
         if transitions:

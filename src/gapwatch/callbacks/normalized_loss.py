@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import torch
@@ -17,7 +18,9 @@ from gapwatch.callbacks._proxy import (
     mean,
     require_classes,
     require_train_targets,
+    sum_and_count,
 )
+from gapwatch.callbacks._uncertainty import with_se
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import (
     check_choice,
@@ -69,6 +72,7 @@ class NormalizedLossProxy(Proxy):
         self.scale = scale
         self.num_reference = num_reference
         self._option = option
+        self._center = 0.0
         self.resolved_mode: Literal["layerwise", "output"] = (
             "output" if mode == "output" else "layerwise"
         )
@@ -76,6 +80,7 @@ class NormalizedLossProxy(Proxy):
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """Fail now on regression, or on an architecture the mode cannot normalize."""
         require_classes(num_outputs, "The normalized cross-entropy")
+        self._center = math.log(num_outputs)  # where the losses sit, for exact squares
         require_train_targets(probes, "The normalized train loss")
         for probe in (probes.train, probes.heldout):
             if probe is not None and probe.targets is not None:
@@ -106,8 +111,8 @@ class NormalizedLossProxy(Proxy):
         for role, probe, logits in outputs.labelled(probes):
             assert probe.targets is not None  # for the type checker
             if not len(probe):  # a process's shard of a probe smaller than the world
-                stats[f"normalized_{role}_loss_sum"] = torch.zeros((), dtype=torch.float64)
-                stats[f"normalized_{role}_loss_count"] = torch.zeros((), dtype=torch.float64)
+                empty = torch.zeros(0, dtype=torch.float64)
+                stats |= sum_and_count(f"normalized_{role}_loss", empty, self._center)
                 continue
             # Logits that overflowed do not mean that f / rho did: without them, layerwise
             # mode evaluates the network with normalized weights instead.
@@ -121,17 +126,16 @@ class NormalizedLossProxy(Proxy):
                 reference_inputs=self._reference(model),
                 scale=self.scale,
                 batch_size=context.batch_size,
+                reduction="none",
                 **shared,
             )
-            count = len(probe)
-            stats[f"normalized_{role}_loss_sum"] = loss.double().cpu() * count
-            stats[f"normalized_{role}_loss_count"] = torch.tensor(float(count), dtype=torch.float64)
+            stats |= sum_and_count(f"normalized_{role}_loss", loss, self._center)
         return stats
 
     def finalize(self, stats: Stats) -> dict[str, float]:
-        """Mean normalized losses and ``log rho``."""
+        """Mean normalized losses with their standard errors, and ``log rho``."""
         names = [n.removesuffix("_sum") for n in stats if n.endswith("_sum")]
-        return {name: mean(stats, name) for name in names}
+        return with_se({name: mean(stats, name) for name in names}, stats, self._center)
 
     def _reference(self, model: nn.Module) -> Tensor | None:
         if self.reference is None:

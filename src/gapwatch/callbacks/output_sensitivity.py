@@ -18,6 +18,7 @@ from gapwatch.callbacks._proxy import (
     mean,
     sum_and_count,
 )
+from gapwatch.callbacks._uncertainty import cluster_sums, variance_and_se
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_positive
 from gapwatch.functional.sensitivity import (
@@ -76,7 +77,9 @@ class SensitivityProxy(Proxy):
                 perturb_at=self._at,
             ).double()
         stats = sum_and_count("response", response)
-        stats["response_sumsq"] = response.square().sum()
+        # One input's draws share it: the input, not the draw, is the unit of the error.
+        per_input = response.reshape(-1, self.num_draws * response.shape[1])
+        stats |= cluster_sums("response", per_input)
         stats |= second_moment_stats(model, probe.inputs, self._at, context.batch_size)
         if self.num_classes > 1 and probes.train.targets is not None:
             errors = softmax_mse(outputs.train_logits, probes.train.targets, reduction="none")
@@ -87,11 +90,13 @@ class SensitivityProxy(Proxy):
         return stats
 
     def finalize(self, stats: Stats) -> dict[str, float]:
-        """S (population variance over all pairs), eq. 9, and the bias fraction."""
-        count = float(stats["response_count"])
-        avg = float(stats["response_sum"]) / count
-        sensitivity = max(float(stats["response_sumsq"]) / count - avg * avg, 0.0)
-        metrics = {"sensitivity": sensitivity}
+        """S (population variance over all pairs) with its standard error, eq. 9, the bias fraction.
+
+        The predicted losses and the bias fraction carry no standard error (see
+        :mod:`gapwatch.callbacks._uncertainty`).
+        """
+        sensitivity, error = variance_and_se(stats, "response")
+        metrics = {"sensitivity": sensitivity, "sensitivity_se": error}
         if self.num_classes < 2:
             return metrics
         k = self.num_classes

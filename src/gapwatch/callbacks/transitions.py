@@ -17,6 +17,7 @@ from gapwatch.callbacks._proxy import (
     require_float_inputs,
     sum_and_count,
 )
+from gapwatch.callbacks._uncertainty import with_se
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_positive
 from gapwatch.functional.transitions import transitions
@@ -55,8 +56,8 @@ class TransitionsProxy(Proxy):
         return sum_and_count("transitions", self._count(model, images, context.batch_size))
 
     def finalize(self, stats: Stats) -> dict[str, float]:
-        """The mean count."""
-        return {"transitions": mean(stats, "transitions")}
+        """The mean count and its standard error."""
+        return with_se({"transitions": mean(stats, "transitions")}, stats)
 
     def _count(self, model: nn.Module, images: Tensor, batch_size: int | None) -> Tensor:
         options: dict[str, Any] = {"batch_size": batch_size, "reduction": "none"}

@@ -30,6 +30,7 @@ NAMES = [
     "test_loss", "test_acc", "train_acc", "gap", "sensitivity", "predicted_test_loss",
     "predicted_test_loss_bias", "bias_fraction", "jacobian_norm", "normalized_train_loss",
     "normalized_test_loss", "log_norm_product", "ablation_zeta", "ablation_kappa", "transitions",
+    "prediction_changes",
 ]  # fmt: skip
 
 
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     model = DigitsClassifier(
         arch=args.arch, width=args.width, in_channels=shape[0], image_size=shape[1]
     )
-    monitor = GeneralizationMonitor(transitions=True, max_images=16)
+    # Steps 1, 2, 4, ..., 128 besides the epoch ends: the early, bias-dominated phase.
+    monitor = GeneralizationMonitor(transitions=True, max_images=16, log_steps=8)
     stopper = EarlyStopping(
         monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=args.patience
     )

@@ -21,6 +21,7 @@ from gapwatch.functional.normalized_loss import (
     normalization_factor,
     normalized_cross_entropy,
 )
+from gapwatch.functional.prediction_changes import predicted_classes, prediction_changes
 from gapwatch.functional.sensitivity import output_sensitivity, predicted_test_loss, sigma_term
 from gapwatch.functional.transitions import transitions
 
@@ -35,7 +36,9 @@ __all__ = [
     "normalization_factor",
     "normalized_cross_entropy",
     "output_sensitivity",
+    "predicted_classes",
     "predicted_test_loss",
+    "prediction_changes",
     "sigma_term",
     "transitions",
     "unit_ablation",

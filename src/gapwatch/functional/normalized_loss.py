@@ -173,6 +173,7 @@ def normalized_cross_entropy(
     batch_size: int | None = DEFAULT_BATCH_SIZE,
     logits: Tensor | None = None,
     log_rho: Tensor | float | None = None,
+    reduction: str = "mean",
 ) -> Tensor:
     """Mean cross-entropy of ``R f(x) / rho`` (Liao-Poggio eq. 2 for K classes, eq. 6's R).
 
@@ -201,9 +202,12 @@ def normalized_cross_entropy(
             computed, to skip the forward pass.
         log_rho: ``normalization_factor(model, log=True, ...)`` if already computed (with
             ``logits``, a caller evaluating several probes computes ``rho`` once).
+        reduction: ``"mean"`` over the samples, or ``"none"``: each sample's loss.
 
     Returns:
-        A 0-d float32 tensor: the normalized loss, just below ``ln K`` for ``R = 1``.
+        A 0-d float32 tensor: the normalized loss, just below ``ln K`` for ``R = 1``;
+        with ``reduction="none"`` the ``[N]`` per-sample losses in float64 on the CPU
+        (their differences sit in late decimals).
 
     Raises:
         ValueError: Bad options as in :func:`normalization_factor`, ``scale <= 0``,
@@ -212,6 +216,7 @@ def normalized_cross_entropy(
     """
     _check_options(mode, p, batch_size)
     check_positive("scale", scale)
+    check_choice("reduction", reduction, ("mean", "none"))
     check_targets(targets, check_inputs(inputs, floating=False).shape[0])
     check_float32_model(model)
     if logits is not None and (
@@ -240,18 +245,20 @@ def normalized_cross_entropy(
     else:
         parts = ((rows, logits[rows]) for rows in chunks(inputs.shape[0], batch_size))
     with evaluation(model):
-        sums = [_cross_entropy_sum(part, targets[rows], log_factor) for rows, part in parts]
-    return (torch.stack(sums).sum() / inputs.shape[0]).float()
+        losses = [_cross_entropy(part, targets[rows], log_factor) for rows, part in parts]
+    if reduction == "none":
+        return torch.cat([loss.cpu() for loss in losses] or [torch.zeros(0, dtype=torch.float64)])
+    return (torch.stack([loss.sum() for loss in losses]).sum() / inputs.shape[0]).float()
 
 
-def _cross_entropy_sum(logits: Tensor, targets: Tensor, log_factor: Tensor) -> Tensor:
-    """Summed cross-entropy of ``logits * exp(log_factor)``, on the logits' device.
+def _cross_entropy(logits: Tensor, targets: Tensor, log_factor: Tensor) -> Tensor:
+    """Per-sample cross-entropy of ``logits * exp(log_factor)``, on the logits' device.
 
     In float64: the differences that matter sit in the 4th decimal below ln K (appendix K).
     """
     check_classifier(logits.shape[1], "normalized_cross_entropy")
     normalized = logits.double() * log_factor.to(logits.device).exp()
-    return F.cross_entropy(normalized, targets.to(logits.device), reduction="sum")
+    return F.cross_entropy(normalized, targets.to(logits.device), reduction="none")
 
 
 def _check_options(mode: str, p: float, batch_size: int | None) -> None:
