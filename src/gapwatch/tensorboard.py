@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -312,7 +312,14 @@ class Visuals:
             return None
         return cls(logger, prefix, every_n_evaluations)
 
-    def update(self, history: History, artifacts: Mapping[str, object], step: int) -> None:
+    def update(
+        self,
+        history: History,
+        artifacts: Mapping[str, object],
+        step: int,
+        *,
+        later: Collection[str] = (),
+    ) -> None:
         """Write one evaluation: the layout (first time only), bands, figures, histograms.
 
         Args:
@@ -320,13 +327,15 @@ class Visuals:
             artifacts: Per-proxy extras by name: tensors become histograms and an
                 :class:`~gapwatch.functional.AblationResult` its curves figure.
             step: The step of the current evaluation.
+            later: Names logged from the second evaluation on, charted from the first.
 
         Raises:
             TypeError: If an artifact is of another type.
         """
         writer = self.logger.experiment
         if self._evaluations == 0:
-            writer.add_custom_scalars(layout(history[-1], self.prefix))
+            coming = dict.fromkeys(later, math.nan)  # charted before their first point
+            writer.add_custom_scalars(layout({**coming, **history[-1]}, self.prefix))
         for tag, edge in band_edges(history[-1]).items():
             writer.add_scalar(self.prefix + tag, edge, step)
         every = self.every_n_evaluations

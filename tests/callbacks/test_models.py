@@ -78,8 +78,9 @@ def _vit() -> nn.Module:
         image_size=32, patch_size=8, num_layers=1, num_heads=2, hidden_dim=16, mlp_dim=32,
         num_classes=10,
     )  # fmt: skip
-    # torchvision zero-initializes the head, so every output is 0 before the first step
-    # and no output normalization exists there (0 / 0); a trained head is never all zero.
+    # torchvision zero-initializes the head, so every output is 0 before the first step:
+    # rho is 0 (log_norm_product -inf) and the margin has no scale (NaN) there; a trained
+    # head is never all zero.
     nn.init.normal_(vit.heads.head.weight, std=0.02)
     return vit
 

@@ -480,3 +480,13 @@ def test_precomputed_log_rho_and_logits_give_the_same_loss(cnn, digits):
     assert not torch.allclose(
         normalized_cross_entropy(cnn, x, y, logits=logits, log_rho=log_rho - 5), reused
     )
+
+
+def test_a_zero_output_is_normalized_to_zero_not_nan(digits):
+    # A zero-initialized head (torchvision's ViT) outputs 0 everywhere: rho = 0 in output mode.
+    x, y = (t.cpu() for t in digits)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+    nn.init.zeros_(model[3].weight)
+    nn.init.zeros_(model[3].bias)
+    loss = normalized_cross_entropy(model, x[:50], y[:50], mode="output", reference_inputs=x[:8])
+    assert loss.item() == pytest.approx(math.log(10))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,7 +23,6 @@ def publish(
     prefix: str,
     *,
     warn: bool,
-    quiet: Collection[str] = (),
 ) -> bool:
     """Log ``metrics`` to every logger and put them where monitors read them.
 
@@ -32,15 +31,10 @@ def publish(
     ``ModelCheckpoint`` read, as Lightning's ``LearningRateMonitor`` also relies on.
 
     Returns:
-        Whether a value not in ``quiet`` (names without prefix, undefined at this
-        evaluation) was not finite (warned about once, if ``warn``).
+        Whether a value was not finite (warned about once, if ``warn``).
     """
     named = {prefix + name: value for name, value in metrics.items()}
-    bad = sorted(
-        prefix + name
-        for name, value in metrics.items()
-        if not math.isfinite(value) and name not in quiet
-    )
+    bad = sorted(name for name, value in named.items() if not math.isfinite(value))
     if bad and warn:
         rank_zero_warn(f"gapwatch: non-finite values at step {step} for {bad}; logged as is.")
     for logger in trainer.loggers:

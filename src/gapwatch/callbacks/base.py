@@ -409,12 +409,17 @@ class ProbeCallback(Callback):
         metrics: dict[str, float] = {}
         for proxy, proxy_stats in zip(self._active, stats, strict=True):
             metrics |= proxy.finalize(proxy_stats)
+        # What needs an earlier evaluation (prediction changes) is not logged at the first:
+        # a NaN there would read as divergence, and EarlyStopping would stop on it.
+        later = {n for p in self._active for n in p.undefined_at_first}
+        if not self.history:
+            metrics = {n: v for n, v in metrics.items() if n not in later}
         metrics |= correlations([*self.history, {"step": float(step), **metrics}])
         self._publish(trainer, metrics, step)
         if self._visuals is not None or self._gathers_values:
             artifacts = self._artifacts(trainer)
             if self._visuals is not None:
-                self._visuals.update(self.history, artifacts, step)
+                self._visuals.update(self.history, artifacts, step, later=later)
 
     def _artifacts(self, trainer: Trainer) -> dict[str, object]:
         return _publishing.artifacts(trainer, self._active)
@@ -424,9 +429,8 @@ class ProbeCallback(Callback):
 
     def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
         first = not self.history
-        expected = {n for p in self._active for n in p.undefined_at_first} if first else set()
         self._warned_nonfinite |= _publishing.publish(
-            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite, quiet=expected
+            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite
         )
         self.history.append({"step": float(step), **metrics})
         self.last_step = step

@@ -255,9 +255,12 @@ def _cross_entropy(logits: Tensor, targets: Tensor, log_factor: Tensor) -> Tenso
     """Per-sample cross-entropy of ``logits * exp(log_factor)``, on the logits' device.
 
     In float64: the differences that matter sit in the 4th decimal below ln K (appendix K).
+    A zero logit stays zero even when rho is 0 (a zero-initialized head, as torchvision's
+    ViT has, makes every output 0): 0 / rho is 0 for every rho, not 0 * inf = NaN.
     """
     check_classifier(logits.shape[1], "normalized_cross_entropy")
-    normalized = logits.double() * log_factor.to(logits.device).exp()
+    logits = logits.double()
+    normalized = torch.where(logits == 0, 0.0, logits * log_factor.to(logits.device).exp())
     return F.cross_entropy(normalized, targets.to(logits.device), reduction="none")
 
 
