@@ -165,8 +165,11 @@ def test_each_error_is_a_band_in_a_margin_chart(run):
     assert sorted(margins) == with_error
     for name, series in margins.items():
         assert series.value == f"gapwatch/{name}"
-        # A band wherever the value and its error are finite (not prediction changes' first).
-        shown = [h for h in run["monitor"].history if math.isfinite(h[name + "_se"])]
+        # A band wherever the value and its error are logged and finite (prediction changes
+        # are not logged at the first evaluation).
+        shown = [
+            h for h in run["monitor"].history if math.isfinite(h.get(name + "_se", math.nan))
+        ]
         assert len(shown) >= len(run["monitor"].history) - 1, name
         for edge, sign in ((series.lower, -1), (series.upper, 1)):
             assert sorted(scalars[edge]) == [int(h["step"]) for h in shown], edge

@@ -156,9 +156,10 @@ def test_running_kendall_correlations_from_the_second_evaluation(run):
         tag = f"gapwatch/corr/{proxy}"
         assert 0 not in scalars.get(tag, {}), tag
         for k, step in enumerate(steps[1:], start=2):
-            # Over the evaluations where the proxy has a value (prediction changes have
-            # none at the first).
-            seen = [s for s in steps[:k] if math.isfinite(scalars[f"gapwatch/{proxy}"][s])]
+            # Over the evaluations where the proxy has a value (prediction changes are not
+            # logged at the first).
+            values = scalars[f"gapwatch/{proxy}"]
+            seen = [s for s in steps[:k] if math.isfinite(values.get(s, math.nan))]
             if len(seen) < 2:
                 assert step not in scalars.get(tag, {}), (tag, step)
                 continue
