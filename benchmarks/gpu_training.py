@@ -16,10 +16,10 @@ from typing import Any
 # Before torch touches cuBLAS: deterministic algorithms need a fixed workspace.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
+import suite
 import torch
-import torch.nn.functional as F  # noqa: N812
 from lightning.pytorch import Callback, LightningModule, Trainer, seed_everything
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision.models import resnet18
 
@@ -58,19 +58,11 @@ def make_net(stem: str) -> nn.Module:
     return net
 
 
-class Classifier(LightningModule):
+class Classifier(suite.Classifier):
+    """The suite benchmark's classifier on ``make_net(stem)``, with CIFAR's usual SGD."""
+
     def __init__(self, stem: str) -> None:
-        super().__init__()
-        self.net = make_net(stem)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return F.cross_entropy(self(batch[0]), batch[1])
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val_loss", F.cross_entropy(self(batch[0]), batch[1]))
+        super().__init__(make_net(stem))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
