@@ -25,6 +25,7 @@ import numpy as np
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.report_runs import ReportError, Scalar, final_scalars, find_runs, read_run
 from gapwatch.report_stats import RANKING_FIELDS, rankings, varying_axes
+from gapwatch.report_stopping import audit_run, summary
 from gapwatch.tensorboard import BANDS, CORR, HELDOUT_LOSS, SE, kendall, proxy_names
 
 __all__ = ["CORRELATION_FIELDS", "RANKING_FIELDS", "Report", "ReportError", "build_report",
@@ -67,6 +68,11 @@ class Report:
         rankings: One dict per proxy, the keys :data:`RANKING_FIELDS` and ``psi_<axis>``
             (see :func:`gapwatch.report_stats.rankings`), over the ranked runs.
         excluded: ``{run: reason}`` for the runs left out of the rankings.
+        stopping: The stopping audit: for each run with held-out data and each of
+            :data:`gapwatch.report_stopping.LABEL_FREE_RULES` the monitor logged,
+            ``{"run": ..., **row}`` with a row of
+            :func:`gapwatch.report_stopping.audit_run` (where the rule would have stopped,
+            the held-out loss there and the regret against the run's best evaluation).
     """
 
     logdir: Path
@@ -79,6 +85,7 @@ class Report:
     axes: list[str] = field(default_factory=list)
     rankings: list[dict[str, Any]] = field(default_factory=list)
     excluded: dict[str, str] = field(default_factory=dict)
+    stopping: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def missing(self) -> dict[str, list[str]]:
@@ -195,17 +202,18 @@ def build_report(
             axis asked for is no run's hyperparameter.
     """
     logdir = Path(logdir)
-    runs, hparams = [], []
+    runs, hparams, stopping = [], [], []
     for run in find_runs(logdir):
-        final, found_hparams = read_run(run, prefix)
+        final, found_hparams, curves = read_run(run, prefix)
+        name = run.relative_to(logdir).as_posix()
+        log_steps = int(found_hparams.get(f"{prefix}log_steps") or 0)
+        stopping += [{"run": name, **row} for row in audit_run(curves, log_steps)]
         # Within-run correlations (corr/<proxy>) describe training curves, not end points;
         # standard errors and their bands describe one run's probe, not the sweep.
         final = {
-            n: v
-            for n, v in final.items()
-            if not n.startswith((CORR, BANDS)) and not n.endswith(SE)
+            n: v for n, v in final.items() if not n.startswith((CORR, BANDS)) and not n.endswith(SE)
         }
-        runs.append({"run": run.relative_to(logdir).as_posix(), **final})
+        runs.append({"run": name, **final})
         hparams.append(found_hparams)
     found = {name for row in runs for name in row} - {"run"}
     if not found:
@@ -219,6 +227,7 @@ def build_report(
     proxies = [n for n in proxy_names(dict.fromkeys(metrics)) if not n.endswith("_se")]
     table = correlations(runs, proxies)
     report = Report(logdir, prefix, metrics, runs, table, fit_gap(runs), hparams)
+    report.stopping = stopping
     _rank(report, proxies, axes)
     return report
 
@@ -284,6 +293,7 @@ def summarize(report: Report) -> str:
                 f"No correlation with {target}: needs {MIN_RUNS} runs with both, not all equal."
             )
     lines += _ranking_lines(report)
+    lines += _stopping_lines(report)
     fit = report.gap_fit
     if fit is None:
         lines.append(NO_GAP_FIT)
@@ -312,5 +322,17 @@ def _ranking_lines(report: Report) -> list[str]:
             f"tau {row['tau_gap']:+.3f} ({row['pairs_gap']}), sign error worst "
             f"{row['worst_sign_error']:.2f}, mean {row['mean_sign_error']:.2f} "
             f"({row['sign_error_pairs']})"
+        )
+    return lines
+
+
+def _stopping_lines(report: Report) -> list[str]:
+    """Per label-free rule: how many runs it stopped and its median and worst loss regret."""
+    lines = []
+    for row in summary(report.stopping):
+        lines.append(
+            f"Stopping on {row['rule']}: stopped {row['stopped']} of {row['runs']} runs, "
+            f"held-out loss regret median {row['median_loss_regret']:.4g}, worst "
+            f"{row['worst_loss_regret']:.4g} (see report.md)."
         )
     return lines

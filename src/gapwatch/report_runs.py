@@ -1,4 +1,4 @@
-"""Reading a sweep's runs: their final gapwatch scalars and their hyperparameters.
+"""Reading a sweep's runs: their gapwatch scalars (curves, final values) and hyperparameters.
 
 A run is a directory of TensorBoard event files. Its hyperparameters are read from the
 ``hparams.yaml`` Lightning's ``TensorBoardLogger`` saves beside the events (the model's and
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -50,10 +50,27 @@ def _natural_order(path: Path) -> list[Any]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
-def read_run(run_dir: str | Path, prefix: str = "gapwatch/") -> tuple[dict[str, float], dict]:
-    """``(final scalars, hyperparameters)`` of one run; see the two functions below."""
+class Run(NamedTuple):
+    """What the report reads from one run's directory.
+
+    Attributes:
+        final: ``{name: value at the highest step}``, as :func:`final_scalars` gives it.
+        hparams: The flattened hyperparameters, as :func:`hyperparameters` gives them.
+        curves: ``{name: {step: value}}`` of every scalar under the prefix (a step logged
+            twice, as a resumed run does, keeps its last value).
+    """
+
+    final: dict[str, float]
+    hparams: dict[str, Scalar]
+    curves: dict[str, dict[int, float]]
+
+
+def read_run(run_dir: str | Path, prefix: str = "gapwatch/") -> Run:
+    """A run's final scalars, hyperparameters and curves, read from its files once."""
     accumulator = _load(run_dir)
-    return _final(accumulator, prefix), hyperparameters(run_dir, accumulator)
+    curves = _curves(accumulator, prefix)
+    final = {name: curve[max(curve)] for name, curve in curves.items()}
+    return Run(final, hyperparameters(run_dir, accumulator), curves)
 
 
 def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
@@ -97,12 +114,16 @@ def _load(run_dir: str | Path) -> EventAccumulator:
 
 
 def _final(accumulator: EventAccumulator, prefix: str) -> dict[str, float]:
-    final = {}
+    return {name: curve[max(curve)] for name, curve in _curves(accumulator, prefix).items()}
+
+
+def _curves(accumulator: EventAccumulator, prefix: str) -> dict[str, dict[int, float]]:
+    curves = {}
     for tag in accumulator.Tags()["scalars"]:
         if tag.startswith(prefix):
-            last = max(accumulator.Scalars(tag), key=lambda event: (event.step, event.wall_time))
-            final[tag[len(prefix) :]] = float(last.value)
-    return final
+            events = sorted(accumulator.Scalars(tag), key=lambda e: (e.step, e.wall_time))
+            curves[tag[len(prefix) :]] = {e.step: float(e.value) for e in events}
+    return curves
 
 
 class _TolerantLoader(yaml.SafeLoader):

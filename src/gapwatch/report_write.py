@@ -14,6 +14,7 @@ from matplotlib.ticker import LogFormatter
 
 from gapwatch.report import CORRELATION_FIELDS, NO_GAP_FIT, Report, column
 from gapwatch.report_stats import LARGER_GENERALIZES_BETTER, RANKING_FIELDS
+from gapwatch.report_stopping import summary
 from gapwatch.tensorboard import HELDOUT_LOSS
 
 #: The ranking table of ``report.md``: (column header, key of a ranking row).
@@ -24,9 +25,21 @@ RANKING_COLUMNS = [("proxy", "proxy"), ("tau gap", "tau_gap"), ("pairs", "pairs_
                    ("pairs", "sign_error_pairs"),
                    ("worst group", "worst_group")]  # fmt: skip
 
+#: The stopping audit's columns, in ``stopping.csv`` and ``report.md``.
+STOPPING_FIELDS = ["run", "rule", "stopped", "check", "checks", "step", "loss", "loss_regret",
+                   "error_regret", "checkpoint", "checkpoint_loss_regret",
+                   "checkpoint_error_regret"]  # fmt: skip
+#: Its summary over runs: (column header, key of a :func:`summary` row).
+SUMMARY_COLUMNS = [("rule", "rule"), ("runs", "runs"), ("stopped", "stopped"),
+                   ("loss regret: median", "median_loss_regret"), ("worst", "worst_loss_regret"),
+                   ("error regret: median", "median_error_regret"),
+                   ("worst", "worst_error_regret"),
+                   ("best checkpoint's loss regret: median", "median_checkpoint_loss_regret"),
+                   ("worst", "worst_checkpoint_loss_regret")]  # fmt: skip
+
 
 def write(report: Report, out: str | Path) -> list[Path]:
-    """Write ``report.md``, ``runs.csv``, ``correlations.csv``, ``rankings.csv`` and plots.
+    """Write ``report.md``, the CSV tables (runs, correlations, rankings, stopping), plots.
 
     Args:
         report: From :func:`build_report`.
@@ -37,12 +50,13 @@ def write(report: Report, out: str | Path) -> list[Path]:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    names = ("report.md", "runs.csv", "correlations.csv", "rankings.csv")
+    names = ("report.md", "runs.csv", "correlations.csv", "rankings.csv", "stopping.csv")
     written = [out / name for name in names]
     _write_csv(written[1], report.runs, ["run", *report.metrics])
     _write_csv(written[2], report.correlations, CORRELATION_FIELDS)
     axis_fields = [f"psi_{axis}" for axis in report.axes]
     _write_csv(written[3], report.rankings, [*RANKING_FIELDS, *axis_fields])
+    _write_csv(written[4], report.stopping, STOPPING_FIELDS)
     plots = {}
     if HELDOUT_LOSS in report.metrics:
         for row in report.correlations:
@@ -151,6 +165,7 @@ def _markdown(report: Report, plots: dict[str, Path]) -> str:
     ]
     lines += ["", *ranking_section(report)]
     lines += ["", *_gap_section(report.gap_fit)]
+    lines += ["", *stopping_section(report.stopping)]
     if report.missing:
         lines += ["", "## Runs with missing metrics", ""]
         lines += [f"- `{run}`: {', '.join(names)}" for run, names in report.missing.items()]
@@ -210,3 +225,28 @@ def _gap_section(fit: dict[str, Any] | None) -> list[str]:
         ),
     ]
     return [*lines, "", fit["note"]] if fit["note"] else lines
+
+
+def stopping_section(stopping: Sequence[dict[str, Any]]) -> list[str]:
+    """The markdown of the stopping audit: the rules over all runs, then each run's stops."""
+    title = "## Stopping audit: where each label-free rule would have stopped"
+    if not stopping:
+        return [title, "", "No run logged a held-out loss and a rule's metric at a check."]
+    lines = [
+        title,
+        "",
+        'Each rule is an `EarlyStopping(mode="min", min_delta, patience)` replayed on the '
+        "logged curve at the evaluations a monitor reads (not step 0, not the `log_steps` "
+        "extras). Regret: the held-out loss (error) at its stop minus the run's best over "
+        "those evaluations. A rule that never stopped is scored at the last evaluation. "
+        "Best checkpoint: the evaluation a `ModelCheckpoint(monitor, mode=\"min\")` beside it "
+        "would have kept (its least value up to the stop).",
+        "",
+        *_table(
+            [header for header, _ in SUMMARY_COLUMNS],
+            [[row[key] for _, key in SUMMARY_COLUMNS] for row in summary(stopping)],
+        ),
+        "",
+        *_table(STOPPING_FIELDS, [[row[f] for f in STOPPING_FIELDS] for row in stopping]),
+    ]
+    return lines
