@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import math
+import textwrap
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from gapwatch.callbacks._distributed import gather_shards
@@ -43,6 +45,29 @@ def publish(
     return bool(bad)
 
 
+def record(
+    trainer: Trainer,
+    metrics: dict[str, float],
+    step: int,
+    prefix: str,
+    history: list[dict[str, float]],
+    *,
+    warn: bool,
+) -> bool:
+    """``publish`` ``metrics``, then append them to ``history``; the first time, say what is logged.
+
+    Returns:
+        Whether a value was not finite (as ``publish``).
+    """
+    first = not history
+    bad = publish(trainer, metrics, step, prefix, warn=warn)
+    history.append({"step": float(step), **metrics})
+    if first:
+        names = ", ".join(sorted(metrics))
+        rank_zero_info(textwrap.fill(f"gapwatch logs {prefix}{{{names}}}", width=100))
+    return bad
+
+
 def artifacts(trainer: Trainer, proxies: Sequence[Proxy]) -> dict[str, object]:
     """Every proxy's artifacts, with per-sample values from every process.
 
@@ -71,6 +96,26 @@ def settings(
             if not name.startswith("_") and isinstance(value, (bool, int, float, str))
         }
     return {prefix + name: value for name, value in found.items()}
+
+
+class Stopwatch:
+    """What monitoring costs one fit: the seconds of its timed blocks, since the fit began."""
+
+    def __init__(self) -> None:
+        self.fit_started, self.seconds = time.perf_counter(), 0.0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Count the block's wall time as monitoring's, even when it raises."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - started
+
+    def cost(self, evaluations: int) -> str:
+        """The fit-end line: see ``cost``."""
+        return cost(self.seconds, self.fit_started, evaluations)
 
 
 def cost(seconds: float, fit_started: float, evaluations: int) -> str:

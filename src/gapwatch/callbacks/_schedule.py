@@ -61,6 +61,31 @@ class Checks:
             epoch_end |= bool(on_epoch_end)
         return cls(validation, epoch_end, tuple(steps), tuple(readers))
 
+    def after_batch(
+        self,
+        trainer: Trainer,
+        batch_idx: int,
+        step: int,
+        *,
+        every_n_epochs: int,
+        every_n_train_steps: int | None,
+        log_steps: int,
+    ) -> bool:
+        """Whether the batch that just ended calls for an evaluation.
+
+        It does when it is the last of every ``every_n_epochs``-th epoch (or of any epoch
+        whose end a monitor checks at), every ``every_n_train_steps`` optimizer steps (or a
+        monitor's), and when the logged ``step`` is one of the early points of ``log_steps``.
+        """
+        last_batch = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
+        epoch_due = (trainer.current_epoch + 1) % every_n_epochs == 0
+        steps = [n for n in (every_n_train_steps, *self.every_n_train_steps) if n]
+        return (
+            (last_batch and (epoch_due or self.at_train_epoch_end))
+            or any(trainer.global_step % n == 0 for n in steps)
+            or log_spaced(step, log_steps)
+        )
+
 
 def log_spaced(step: int, log_steps: int) -> bool:
     """Whether ``step`` (on the logged axis) is one of the early points ``1, 2, 4, ...``.

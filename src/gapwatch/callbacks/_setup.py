@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from gapwatch.callbacks._drawing import (
+    BatchCollector,
     SplitBatch,
     draw_probe,
     eligible_indices,
@@ -31,6 +32,19 @@ from gapwatch.functional._common import as_outputs, check_float32_model, evaluat
 from gapwatch.functional._inputs import KeywordInputs, call_model, describe_output
 
 
+def refuse_shared_prefix(trainer: Trainer, prefix: str, kind: type[Any]) -> None:
+    """Refuse two gapwatch callbacks (instances of ``kind``) that log under one ``prefix``."""
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    twins = [c for c in callbacks if isinstance(c, kind) and c.prefix == prefix]
+    if len(twins) > 1:
+        raise ValueError(
+            f"{len(twins)} gapwatch callbacks ({', '.join(type(c).__name__ for c in twins)}) "
+            f"log under the same prefix {prefix!r}, so their test_loss, train_loss, ... "
+            "would overwrite each other. Use one GeneralizationMonitor (its switches pick "
+            "the proxies), or give each callback its own `prefix=`."
+        )
+
+
 def train_loader(trainer: Trainer) -> DataLoader:
     """The loader training iterates (the first, if several)."""
     return first_loader(trainer.train_dataloader, "train")
@@ -40,6 +54,55 @@ def draw_train(loader: DataLoader, size: int, seed: int, split: SplitBatch) -> P
     """The train probe of a map-style loader (streams: see ``BatchCollector``)."""
     probe, _ = draw_probe(loader, size, seed=seed, split=split, role="train")
     return probe
+
+
+def train_probe(
+    trainer: Trainer, size: int, seed: int, split: SplitBatch, stream: str
+) -> Probe | BatchCollector:
+    """The train probe, or for ``stream="batches"`` of a stream the collector that takes it.
+
+    Args:
+        trainer: Its train loader is drawn from (map-style) or read (a stream).
+        size: The callback's ``probe_size``.
+        seed: The callback's ``seed``.
+        split: The callback's ``split_batch``.
+        stream: The callback's ``train_stream``.
+    """
+    loader = train_loader(trainer)
+    if not is_stream(loader):
+        return draw_train(loader, size, seed, split)
+    if stream == "reread":
+        return read_stream(loader, size, split=split, role="train")
+    if trainer.world_size > 1:
+        raise ValueError(
+            "The train data is an IterableDataset and `train_stream='batches'` takes "
+            "the train probe from the batches training receives, which differ between "
+            "processes. Under data parallelism use `train_stream='reread'` (for a "
+            "stream that starts again when iterated anew)."
+        )
+    collector = BatchCollector(size, split)
+    rank_zero_info(
+        "gapwatch: the train data is a stream; its train probe is the first "
+        f"{size} samples training receives, and evaluations start then."
+    )
+    return collector
+
+
+def whole_probes(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    train: Probe,
+    heldout: str,
+    size: int,
+    seed: int,
+    split: SplitBatch,
+) -> Probes:
+    """The held-out probe drawn beside ``train``; both without the ignored rows, unsharded."""
+    drawn = draw_heldout(trainer, pl_module, heldout, size, seed, split)
+    return Probes(
+        heldout=None if drawn is None else without_ignored(drawn),
+        train=without_ignored(train),
+    )
 
 
 def draw_heldout(

@@ -1,20 +1,15 @@
 """The probe callback: probe sets, scheduling, isolation and logging for every proxy.
 
 Each gapwatch callback is this class with a list of proxies; a single-proxy callback is
-the suite with one member. An evaluation:
-
-1. runs each probe set through the model once, in eval mode, without autocast and with
-   the global random state saved and restored (``Outputs``); a proxy that needs more of
-   that pass than its logits runs it itself (``Proxy.run_probe``);
-2. asks every proxy for additive statistics on this process's shard of the probes;
-3. sums the statistics across processes and lets each proxy finalize its metrics;
-4. adds each proxy's running rank correlation with the held-out loss (``corr/<proxy>``);
-5. sends the metrics to every logger at the step Lightning gives the user's own
-   validation metrics, and into ``trainer.callback_metrics`` so ``EarlyStopping`` and
-   ``ModelCheckpoint`` can monitor them;
-6. with a ``TensorBoardLogger``, draws figures and histograms into its run
-   (:mod:`gapwatch.tensorboard`); at fit end it adds an hparams entry there, and a short
-   table of the final proxies and their correlations is printed.
+the suite with one member. An evaluation (:mod:`gapwatch.callbacks._evaluation`) runs
+each probe set through the model once, isolated from training, and turns every proxy's
+statistics, summed across processes, into metrics and their running rank correlation
+with the held-out loss. The callback sends the metrics to every logger at the step
+Lightning gives the user's own validation metrics, and into ``trainer.callback_metrics``
+so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor them. With a ``TensorBoardLogger``
+it draws figures and histograms into its run (:mod:`gapwatch.tensorboard`) and, at fit
+end, an hparams entry; at fit end it also prints a table of the final proxies and their
+correlations.
 
 Evaluations run once before the first optimizer step (step 0), on the last training
 batch of every ``every_n_epochs``-th epoch (after the epoch's final optimizer step, before
@@ -26,40 +21,23 @@ are set up in :mod:`gapwatch.callbacks._setup`.
 
 from __future__ import annotations
 
-import textwrap
-import time
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from gapwatch.callbacks import _publishing, _setup
+from gapwatch.callbacks import _evaluation, _options, _publishing, _setup
 from gapwatch.callbacks._compiled import uncompiled
-from gapwatch.callbacks._distributed import reduce_stats
-from gapwatch.callbacks._drawing import BatchCollector, is_stream, read_stream
+from gapwatch.callbacks._drawing import BatchCollector
 from gapwatch.callbacks._loss import LossProxy
-from gapwatch.callbacks._probes import Probe, Probes, Role, split_batch
-from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats
-from gapwatch.callbacks._rng import isolated_rng
-from gapwatch.callbacks._schedule import Checks, log_spaced
-from gapwatch.functional._common import (
-    DEFAULT_BATCH_SIZE,
-    check_choice,
-    check_positive,
-    evaluation,
-    forward_chunks,
-)
+from gapwatch.callbacks._probes import Probe, Probes, split_batch
+from gapwatch.callbacks._proxy import Context, Outputs, Proxy
+from gapwatch.callbacks._schedule import Checks
+from gapwatch.functional._common import DEFAULT_BATCH_SIZE
 from gapwatch.functional._inputs import Inputs
-from gapwatch.tensorboard import (
-    Visuals,
-    correlations,
-    placeholder_warning,
-    summary_table,
-    tensorboard_logger,
-)
+from gapwatch.tensorboard import Visuals, placeholder_warning, summary_table, tensorboard_logger
 
 #: The callback's own settings in the hparams entry (beside each proxy's).
 SETTINGS = ("every_n_epochs", "every_n_train_steps", "log_steps", "probe_size", "batch_size",
@@ -85,9 +63,8 @@ class ProbeCallback(Callback):
         probe_size: Samples drawn once from each dataset (held-out and train).
         batch_size: Rows per forward pass inside a proxy; bounds the extra memory. The
             Jacobian norm keeps one chunk's graph, about what a training step on a batch
-            this size holds. Larger chunks are not faster on the CPU: glibc's malloc maps
-            tensors over 32 MiB fresh from the kernel at every allocation, which made
-            512-row chunks of a CIFAR ResNet twice as slow as 128-row ones.
+            this size holds. Larger chunks are not faster on the CPU (glibc's malloc; see
+            ``gapwatch.functional.DEFAULT_BATCH_SIZE``).
         prefix: Prepended to every logged name.
         heldout: Where the held-out probe comes from: the validation dataloader, the
             test dataloader, or nowhere (held-out metrics are then skipped).
@@ -126,27 +103,12 @@ class ProbeCallback(Callback):
         train_stream: TrainStream = "batches",
     ) -> None:
         super().__init__()
-        check_positive("every_n_epochs", every_n_epochs, integer=True)
-        if every_n_train_steps is not None:
-            check_positive("every_n_train_steps", every_n_train_steps, integer=True)
-        if isinstance(log_steps, bool) or not isinstance(log_steps, int) or log_steps < 0:
-            raise ValueError(
-                "`log_steps` must be a non-negative integer (0: no early points; 8: steps 1, "
-                f"2, 4, ..., 128), got {log_steps!r}."
-            )
-        check_positive("probe_size", probe_size, integer=True)
-        check_positive("batch_size", batch_size, integer=True)
-        if isinstance(figures_every_n_evaluations, bool) or figures_every_n_evaluations < 0:
-            raise ValueError(
-                "`figures_every_n_evaluations` must be a non-negative integer (0: no figures), "
-                f"got {figures_every_n_evaluations!r}."
-            )
-        check_choice("heldout", heldout, ("val", "test", "none"))
-        check_choice("train_stream", train_stream, ("batches", "reread"))
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"`seed` must be an integer, got {seed!r}.")
-        if not isinstance(prefix, str):
-            raise TypeError(f"`prefix` must be a string, got {type(prefix).__name__}.")
+        _options.check_options(
+            every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps,
+            log_steps=log_steps, probe_size=probe_size, batch_size=batch_size,
+            figures_every_n_evaluations=figures_every_n_evaluations, heldout=heldout,
+            train_stream=train_stream, seed=seed, prefix=prefix,
+        )  # fmt: skip
         self.proxies: list[Proxy] = [LossProxy(), *proxies]
         self._active: list[Proxy] = []  # the proxies that apply to this fit's model and data
         # GeneralizationMonitor skips a proxy that does not apply; a single proxy refuses.
@@ -173,7 +135,7 @@ class ProbeCallback(Callback):
         self._warned_nonfinite = False
         self._checks = Checks()
         self._num_outputs = 1
-        self._fit_started, self._seconds = time.perf_counter(), 0.0  # what monitoring cost
+        self._clock = _publishing.Stopwatch()  # what monitoring costs
         self._collector: BatchCollector | None = None  # the train probe of a stream
 
     @property
@@ -209,17 +171,9 @@ class ProbeCallback(Callback):
         Lightning restores a checkpoint's state (``load_state_dict``) after this hook, so a
         resumed fit still continues its curves.
         """
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        twins = [c for c in callbacks if isinstance(c, ProbeCallback) and c.prefix == self.prefix]
-        if len(twins) > 1:
-            raise ValueError(
-                f"{len(twins)} gapwatch callbacks ({', '.join(type(c).__name__ for c in twins)}) "
-                f"log under the same prefix {self.prefix!r}, so their test_loss, train_loss, ... "
-                "would overwrite each other. Use one GeneralizationMonitor (its switches pick "
-                "the proxies), or give each callback its own `prefix=`."
-            )
+        _setup.refuse_shared_prefix(trainer, self.prefix, ProbeCallback)
         if stage == "fit":
-            self._fit_started, self._seconds = time.perf_counter(), 0.0
+            self._clock = _publishing.Stopwatch()
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
             self._collector = None
@@ -246,27 +200,14 @@ class ProbeCallback(Callback):
         """Draw the probes, check every proxy against them, and evaluate at step 0."""
         if self._probes is not None or self._collector is not None:
             return
-        loader = _setup.train_loader(trainer)
-        if not is_stream(loader):
-            train = _setup.draw_train(loader, self.probe_size, self.seed, self.split_batch)
-        elif self.train_stream == "reread":
-            train = read_stream(loader, self.probe_size, split=self.split_batch, role="train")
-        else:
-            if trainer.world_size > 1:
-                raise ValueError(
-                    "The train data is an IterableDataset and `train_stream='batches'` takes "
-                    "the train probe from the batches training receives, which differ between "
-                    "processes. Under data parallelism use `train_stream='reread'` (for a "
-                    "stream that starts again when iterated anew)."
-                )
-            self._collector = BatchCollector(self.probe_size, self.split_batch)
-            rank_zero_info(
-                "gapwatch: the train data is a stream; its train probe is the first "
-                f"{self.probe_size} samples training receives, and evaluations start then."
-            )
+        train = _setup.train_probe(
+            trainer, self.probe_size, self.seed, self.split_batch, self.train_stream
+        )
+        if isinstance(train, BatchCollector):
+            self._collector = train
             return
         self._prepare(trainer, pl_module, train)
-        if self.last_step is None and _step(trainer) == 0:
+        if self.last_step is None and _evaluation.logged_step(trainer) == 0:
             self._evaluate(trainer, pl_module)
 
     def on_train_batch_end(
@@ -285,14 +226,10 @@ class ProbeCallback(Callback):
                 self._prepare(trainer, pl_module, train)
                 self._evaluate(trainer, pl_module)
             return
-        checks = self._checks
-        last_batch = trainer.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
-        epoch_due = (trainer.current_epoch + 1) % self.every_n_epochs == 0
-        steps = [n for n in (self.every_n_train_steps, *checks.every_n_train_steps) if n]
-        if (
-            (last_batch and (epoch_due or checks.at_train_epoch_end))
-            or any(trainer.global_step % n == 0 for n in steps)
-            or log_spaced(_step(trainer), self.log_steps)
+        if self._checks.after_batch(
+            trainer, batch_idx, _evaluation.logged_step(trainer),
+            every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
+            log_steps=self.log_steps,
         ):  # fmt: skip
             self._evaluate(trainer, pl_module)
 
@@ -310,10 +247,11 @@ class ProbeCallback(Callback):
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the hparams entry and print the final proxies with their correlations."""
         if self._visuals is not None:
-            self._visuals.finish(self._settings(), self.history)
+            settings = _publishing.settings(self, SETTINGS, self.proxies, self.prefix)
+            self._visuals.finish(settings, self.history)
             self._visuals = None
         if self.history:
-            rank_zero_info(summary_table(self.history) + "\n" + self._cost())
+            rank_zero_info(summary_table(self.history) + "\n" + self._clock.cost(len(self.history)))
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs to continue the curves without a second step 0."""
@@ -329,117 +267,45 @@ class ProbeCallback(Callback):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _cost(self) -> str:
-        return _publishing.cost(self._seconds, self._fit_started, len(self.history))
-
     def _prepare(self, trainer: Trainer, pl_module: LightningModule, train: Probe) -> None:
         """Draw the held-out probe, set the proxies up, and keep this process's shards."""
-        started = time.perf_counter()
-        try:
-            self._prepare_timed(trainer, pl_module, train)
-        finally:
-            self._seconds += time.perf_counter() - started
-
-    def _prepare_timed(self, trainer: Trainer, pl_module: LightningModule, train: Probe) -> None:
-        heldout = _setup.draw_heldout(
-            trainer, pl_module, self.heldout, self.probe_size, self.seed, self.split_batch
-        )
-        probes = Probes(
-            heldout=None if heldout is None else _setup.without_ignored(heldout),
-            train=_setup.without_ignored(train),
-        )
-        with uncompiled(self.get_model(pl_module)) as model:
-            self._active, self._num_outputs = _setup.set_up_proxies(
-                self.proxies, model, probes, skip_inapplicable=self._skips_inapplicable
-            )
-        self._probes = _setup.shard(probes, trainer, pl_module.device)
+        with self._clock.timed():
+            probes = _setup.whole_probes(
+                trainer, pl_module, train, self.heldout, self.probe_size, self.seed,
+                self.split_batch,
+            )  # fmt: skip
+            with uncompiled(self.get_model(pl_module)) as model:
+                self._active, self._num_outputs = _setup.set_up_proxies(
+                    self.proxies, model, probes, skip_inapplicable=self._skips_inapplicable
+                )
+            self._probes = _setup.shard(probes, trainer, pl_module.device)
 
     def _forward(self, model: nn.Module, probes: Probes, context: Context) -> Outputs:
-        heldout = None
-        if probes.heldout is not None:
-            heldout = self._logits(model, probes, "heldout", context)
-        return Outputs(heldout, self._logits(model, probes, "train", context))
-
-    def _logits(self, model: nn.Module, probes: Probes, role: Role, context: Context) -> Tensor:
-        for proxy in self._active:
-            logits = proxy.run_probe(model, probes, role, context)
-            if logits is not None:
-                return logits
-        inputs = probes[role].inputs
-        chunks = forward_chunks(model, inputs, self.batch_size)
-        # A process's shard of a probe smaller than the world is empty.
-        empty = [torch.zeros((0, context.num_outputs), device=inputs.device)]
-        return torch.cat([out for _, _, out in chunks] or empty)
+        """The shared pass of an evaluation (a method, so benchmarks can time it)."""
+        return _evaluation.forward(model, probes, self._active, context, self.batch_size)
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        step = _step(trainer)
+        """Evaluate every active proxy and publish the metrics, unless this step has them."""
+        step = _evaluation.logged_step(trainer)
         # One point per step: after the first optimizer step Lightning's step is still 0,
         # which the evaluation before training already holds.
         if self._probes is None or trainer.global_step == self._done_at or step == self.last_step:
             return
         self._done_at = trainer.global_step
-        started = time.perf_counter()
-        try:
-            self._evaluate_now(trainer, pl_module, step)
-        finally:
-            self._seconds += time.perf_counter() - started
-
-    def _evaluate_now(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
-        assert self._probes is not None  # `_evaluate` checked
-        context = Context(
-            generator=torch.Generator(device=pl_module.device).manual_seed(self.seed),
-            batch_size=self.batch_size,
-            seed=self.seed,
-            step=step,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            num_outputs=self._num_outputs,
-        )
-        stats: list[Stats] = []
-        with (
-            uncompiled(self.get_model(pl_module)) as model,
-            isolated_rng(),
-            evaluation(model),
-            torch.no_grad(),
-        ):
-            outputs = self._forward(model, self._probes, context)
-            for proxy in self._active:
-                stats.append(proxy.statistics(model, self._probes, outputs, context))
-        stats = reduce_stats(trainer, stats)
-        metrics: dict[str, float] = {}
-        for proxy, proxy_stats in zip(self._active, stats, strict=True):
-            metrics |= proxy.finalize(proxy_stats)
-        # What needs an earlier evaluation (prediction changes) is not logged at the first:
-        # a NaN there would read as divergence, and EarlyStopping would stop on it.
-        later = {n for p in self._active for n in p.undefined_at_first}
-        if not self.history:
-            metrics = {n: v for n, v in metrics.items() if n not in later}
-        metrics |= correlations([*self.history, {"step": float(step), **metrics}])
-        self._publish(trainer, metrics, step)
-        if self._visuals is not None or self._gathers_values:
-            artifacts = self._artifacts(trainer)
-            if self._visuals is not None:
-                self._visuals.update(self.history, artifacts, step, later=later)
-
-    def _artifacts(self, trainer: Trainer) -> dict[str, object]:
-        return _publishing.artifacts(trainer, self._active)
-
-    def _settings(self) -> dict[str, Any]:
-        return _publishing.settings(self, SETTINGS, self.proxies, self.prefix)
-
-    def _publish(self, trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-        first = not self.history
-        self._warned_nonfinite |= _publishing.publish(
-            trainer, metrics, step, self.prefix, warn=not self._warned_nonfinite
-        )
-        self.history.append({"step": float(step), **metrics})
-        self.last_step = step
-        if first:
-            names = ", ".join(sorted(metrics))
-            rank_zero_info(textwrap.fill(f"gapwatch logs {self.prefix}{{{names}}}", width=100))
-
-
-def _step(trainer: Trainer) -> int:
-    # The step Lightning logs the user's validation metrics at; during the epoch's last
-    # batch it is one behind `global_step`, which counts the step just taken.
-    return trainer.fit_loop.epoch_loop._batches_that_stepped
+        with self._clock.timed():
+            context = _evaluation.context(
+                trainer, pl_module.device, seed=self.seed, batch_size=self.batch_size,
+                num_outputs=self._num_outputs, step=step,
+            )  # fmt: skip
+            metrics, later = _evaluation.evaluate(
+                trainer, self.get_model(pl_module), self._probes, self._active, context,
+                self._forward, self.history,
+            )  # fmt: skip
+            self._warned_nonfinite |= _publishing.record(
+                trainer, metrics, step, self.prefix, self.history, warn=not self._warned_nonfinite
+            )
+            self.last_step = step
+            if self._visuals is not None or self._gathers_values:
+                artifacts = _publishing.artifacts(trainer, self._active)
+                if self._visuals is not None:
+                    self._visuals.update(self.history, artifacts, step, later=later)
