@@ -239,7 +239,7 @@ def stopping_section(stopping: Sequence[dict[str, Any]]) -> list[str]:
         "logged curve at the evaluations a monitor reads (not step 0, not the `log_steps` "
         "extras). Regret: the held-out loss (error) at its stop minus the run's best over "
         "those evaluations. A rule that never stopped is scored at the last evaluation. "
-        "Best checkpoint: the evaluation a `ModelCheckpoint(monitor, mode=\"min\")` beside it "
+        'Best checkpoint: the evaluation a `ModelCheckpoint(monitor, mode="min")` beside it '
         "would have kept (its least value up to the stop).",
         "",
         *_table(

@@ -330,3 +330,54 @@ def test_token_ids_are_perturbed_at_the_embedding(tmp_path, caplog):
         input_second_moment=h.double().square().mean(), sigma=0.2, bias=bias,
     )  # fmt: skip
     assert final["predicted_test_loss_bias"] == pytest.approx(expected.item(), rel=1e-4)
+
+
+class _OneShot(DigitsDataModule):
+    """Loaders whose sampler is a generator: it yields its keys once, then nothing."""
+
+    def __init__(self, val: bool = False) -> None:
+        super().__init__()
+        self.val = val
+
+    def train_dataloader(self) -> DataLoader:
+        order = torch.randperm(len(self.train_set), generator=torch.Generator().manual_seed(0))
+        return DataLoader(self.train_set, batch_size=64, sampler=(int(i) for i in order))
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.val:
+            return super().val_dataloader()
+        return DataLoader(self.val_set, batch_size=256, sampler=iter(range(len(self.val_set))))
+
+
+def _one_shot_fit(tmp_path, callbacks):
+    seed_everything(0, verbose=False)
+    model = DigitsClassifier(width=8)
+    trainer = make_trainer(tmp_path, callbacks=callbacks, max_epochs=2)
+    trainer.fit(model, datamodule=_OneShot())
+    return trainer, model
+
+
+def test_a_one_shot_sampler_is_taken_from_the_batches_training_receives(tmp_path):
+    monitor = OutputSensitivity(probe_size=100)
+    watched, watched_model = _one_shot_fit(tmp_path, [monitor])
+    alone, alone_model = _one_shot_fit(tmp_path, [])
+    # The generator is used up by the first epoch, with and without gapwatch.
+    assert watched.global_step == alone.global_step == 20
+    for a, b in zip(watched_model.parameters(), alone_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    data = _OneShot()
+    data.setup()
+    order = torch.randperm(len(data.train_set), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(monitor._probes.train.inputs, data.train_set.tensors[0][order[:100]])
+
+
+def test_a_one_shot_sampler_cannot_be_reread_and_the_error_says_so(tmp_path):
+    monitor = OutputSensitivity(probe_size=100, train_stream="reread")
+    with pytest.raises(ValueError, match="train_stream='batches'"):
+        _one_shot_fit(tmp_path, [monitor])
+
+
+def test_a_one_shot_validation_sampler_fails_at_setup_naming_the_fixes(tmp_path):
+    trainer = make_trainer(tmp_path, callbacks=[OutputSensitivity(probe_size=100)])
+    with pytest.raises(ValueError, match="heldout='none'"):
+        trainer.fit(DigitsClassifier(width=8), datamodule=_OneShot(val=True))

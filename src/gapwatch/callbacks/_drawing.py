@@ -49,6 +49,18 @@ def is_stream(loader: DataLoader) -> bool:
     return isinstance(loader.dataset, IterableDataset) or not hasattr(loader.dataset, "__len__")
 
 
+def one_shot(loader: DataLoader) -> bool:
+    """Whether ``loader``'s keys come from a one-shot iterator (a generator as its sampler).
+
+    Such a sampler has no state to copy: reading its keys would use them up before
+    training (or validation) sees them, so its probe must come from the batches it yields.
+    """
+    if is_stream(loader):
+        return False
+    _, source = _index_source(loader)
+    return isinstance(source, Iterator) and not isinstance(source, Sampler)
+
+
 def eligible_indices(loader: DataLoader) -> list[Any]:
     """The dataset keys ``loader`` yields in one epoch, each once, without moving any RNG.
 

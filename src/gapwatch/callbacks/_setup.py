@@ -21,6 +21,7 @@ from gapwatch.callbacks._drawing import (
     draw_probe,
     eligible_indices,
     is_stream,
+    one_shot,
     read_stream,
 )
 from gapwatch.callbacks._loaders import first_loader, test_loader, validation_loader
@@ -69,9 +70,17 @@ def train_probe(
         stream: The callback's ``train_stream``.
     """
     loader = train_loader(trainer)
-    if not is_stream(loader):
+    if one_shot(loader):
+        if stream == "reread":
+            raise ValueError(
+                "The train loader's sampler is a one-shot iterator (a generator, say): "
+                "reading it again for the train probe would use up the keys training "
+                "needs. Use `train_stream='batches'` (the default: the probe is the first "
+                "samples training receives), or give the DataLoader a Sampler."
+            )
+    elif not is_stream(loader):
         return draw_train(loader, size, seed, split)
-    if stream == "reread":
+    elif stream == "reread":
         return read_stream(loader, size, split=split, role="train")
     if trainer.world_size > 1:
         raise ValueError(
@@ -125,12 +134,23 @@ def draw_heldout(
             "normalized_test_loss) are skipped and label-free proxies use the train probe."
         )
         return None
+    if one_shot(loader):
+        raise ValueError(
+            f"The {'test' if heldout == 'test' else 'validation'} loader's sampler is a "
+            "one-shot iterator (a generator, say): reading its keys for the held-out probe "
+            "would use them up before Lightning's loop sees them. Give the DataLoader a "
+            "Sampler or a list of indices, or pass `heldout='none'`."
+        )
     if is_stream(loader):
         # Lightning's own validation loop reads a validation stream anew every time.
         return read_stream(loader, size, split=split, role="held-out")
     avoid = None
     train = trainer.train_dataloader
-    if isinstance(train, DataLoader) and train.dataset is loader.dataset and not is_stream(train):
+    if (
+        isinstance(train, DataLoader)
+        and not (is_stream(train) or one_shot(train))
+        and train.dataset is loader.dataset
+    ):
         avoid = set(eligible_indices(train))
     probe, _ = draw_probe(loader, size, seed=seed, split=split, role="held-out", avoid=avoid)
     return probe
