@@ -558,10 +558,8 @@ def layerwise_obstacle(model: nn.Module) -> str | None:
         A sentence naming the obstacle, or ``None`` where layerwise normalization is exact
         as far as the model's modules and traced graph show.
     """
-    try:
-        _layers(model)
-    except ValueError as error:
-        return str(error).removesuffix(_OUTPUT_MODE_HINT).strip()
+    # Modules first: they are the obstacle a user can act on, while the traced graph of a
+    # model that returns hidden states beside its logits "bypasses" the output layer too.
     found = sorted(
         {
             type(m).__name__
@@ -574,4 +572,8 @@ def layerwise_obstacle(model: nn.Module) -> str | None:
             f"{type(model).__name__} contains {', '.join(found)}, which the product of layer "
             "norms does not factor out of f."
         )
+    try:
+        _layers(model)
+    except ValueError as error:
+        return str(error).removesuffix(_OUTPUT_MODE_HINT).strip()
     return None
