@@ -130,9 +130,14 @@ def test_stopping_reason_names_the_callback_metric_and_epochs(tmp_path, capsys):
     main(["--epochs", "20", "--patience", "1", "--logdir", str(tmp_path), "--accelerator", "cpu"])
     report = next(tmp_path.rglob("report.md")).read_text()
     reason = report.splitlines()[2]
-    assert reason.startswith("EarlyStopping on `gapwatch/normalized_train_loss` (min_delta 1e-05,")
+    assert reason.startswith("EarlyStopping on `gapwatch/prediction_changes` (min_delta 0,")
     assert "patience 1) stopped training after epoch" in reason
     assert "of at most 20." in reason
+    # The checkpoint kept is the epoch with the fewest prediction changes.
+    kept = reason[reason.index("The checkpoint with the least") :]
+    path = Path(kept.split(") is ")[1].removesuffix("."))
+    assert path.is_file()
+    assert path.parent == next(tmp_path.rglob("report.md")).parent / "checkpoints"
 
 
 def test_main_job_on_local_mnist(tmp_path, capsys):

@@ -13,7 +13,7 @@ from gapwatch.demo import DigitsClassifier, DigitsDataModule
 PRESETS = sorted((Path(__file__).parents[1] / "callbacks").glob("*.yaml"))
 
 
-def _cli(config: Path, tmp_path: Path) -> LightningCLI:
+def _cli(config: Path, tmp_path: Path, *overrides: str) -> LightningCLI:
     return LightningCLI(
         DigitsClassifier,
         DigitsDataModule,
@@ -24,9 +24,9 @@ def _cli(config: Path, tmp_path: Path) -> LightningCLI:
             "--trainer.max_epochs=2",
             "--trainer.limit_train_batches=2",
             "--trainer.logger=false",
-            "--trainer.enable_checkpointing=false",
             "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={tmp_path}",
+            *overrides,
         ],
     )  # fmt: skip
 
@@ -45,6 +45,22 @@ def test_preset_builds_and_trains(preset, tmp_path):
         assert next(int(h["step"]) for h in watcher.history) == 0
         assert len(watcher.history) >= 2
     assert any(k.startswith("gapwatch/") for k in cli.trainer.callback_metrics)
+
+
+def test_the_early_stopping_preset_stops_and_keeps_the_fewest_changes(tmp_path):
+    preset = Path(__file__).parents[1] / "callbacks" / "early_stopping.yaml"
+    cli = _cli(preset, tmp_path, "--trainer.max_epochs=40", "--trainer.limit_train_batches=1.0")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    stopper, keeper = cli.trainer.early_stopping_callback, cli.trainer.checkpoint_callback
+    assert stopper.monitor == keeper.monitor == "gapwatch/prediction_changes"
+    assert 0 < stopper.stopped_epoch < 39, "the preset should stop these digits runs early"
+    (watcher,) = [c for c in cli.trainer.callbacks if isinstance(c, ProbeCallback)]
+    # Epoch-end evaluations are logged at the epoch's last step.
+    per_epoch = cli.trainer.num_training_batches
+    changes = [(h["prediction_changes"], (int(h["step"]) + 1) // per_epoch - 1)
+               for h in watcher.history[1:]]  # fmt: skip
+    fewest = min(changes, key=lambda pair: pair[0])[1]  # the first least, as the checkpoint
+    assert Path(keeper.best_model_path).name == f"fewest-changes-epoch={fewest}.ckpt"
 
 
 def test_misspelt_argument_is_rejected_with_its_name(tmp_path, capsys):

@@ -77,9 +77,9 @@ class GeneralizationMonitor(ProbeCallback):
         trainer = Trainer(
             callbacks=[
                 GeneralizationMonitor(),
-                EarlyStopping(
-                    monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=5
-                ),
+                # Label-free stopping, as measured in experiments/README.md.
+                EarlyStopping(monitor="gapwatch/prediction_changes", patience=5),
+                ModelCheckpoint(monitor="gapwatch/prediction_changes", mode="min"),
             ]
         )
     """

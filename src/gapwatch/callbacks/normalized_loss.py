@@ -165,7 +165,10 @@ class NormalizedLoss(ProbeCallback):
 
     Its values sit just below ``ln K`` with differences in the 4th decimal (the
     normalized network's outputs are tiny), so ``min_delta`` must be of that scale, or
-    ``scale`` (eq. 6's ``R``) must spread them.
+    ``scale`` (eq. 6's ``R``) must spread them. Use the model at the stop, not a checkpoint
+    of the least value: over the 24 runs of ``experiments/stopping.py`` that least value
+    came in the first three epochs in half the runs, and stopping on
+    ``gapwatch/prediction_changes`` with a checkpoint on it left less held-out error.
 
     Args:
         mode: ``"layerwise"``: rho is the product of the layers' weight norms (BatchNorm

@@ -21,9 +21,12 @@ from gapwatch.demo.models import DigitsClassifier
 
 if TYPE_CHECKING:
     from lightning.pytorch import Trainer
-    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
 History = Sequence[dict[str, float]]
+
+#: What the demo stops on and keeps the best checkpoint of.
+STOP_ON = "gapwatch/prediction_changes"
 
 #: What the demo reports, in this order.
 NAMES = [
@@ -76,6 +79,17 @@ def stopping_reason(trainer: Trainer, stopper: EarlyStopping, max_epochs: int) -
     )
 
 
+def kept(keeper: ModelCheckpoint) -> str:
+    """Which checkpoint a ``ModelCheckpoint`` on the stopping metric kept, and where."""
+    score = keeper.best_model_score
+    if not keeper.best_model_path or score is None:
+        return "No checkpoint was saved."
+    return (
+        f"The checkpoint with the least `{keeper.monitor}` ({float(score):.4g}) "
+        f"is {keeper.best_model_path}."
+    )
+
+
 def _command(name: str) -> str:
     """How to run a command installed beside this Python: a plain name when on PATH."""
     here = Path(sys.executable).parent / name
@@ -93,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     from lightning.pytorch import Trainer, seed_everything
-    from lightning.pytorch.callbacks import EarlyStopping
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from gapwatch import GeneralizationMonitor
@@ -136,17 +150,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     # Steps 1, 2, 4, ..., 128 besides the epoch ends: the early, bias-dominated phase.
     monitor = GeneralizationMonitor(transitions=True, max_images=16, log_steps=8)
-    stopper = EarlyStopping(
-        monitor="gapwatch/normalized_train_loss", min_delta=1e-5, patience=args.patience
-    )
+    # The label-free rule experiments/README.md measured best: stop on prediction changes
+    # and keep the checkpoint with the fewest (callbacks/early_stopping.yaml).
+    stopper = EarlyStopping(monitor=STOP_ON, min_delta=0.0, patience=args.patience)
+    keeper = ModelCheckpoint(monitor=STOP_ON, mode="min", filename="fewest-changes-{epoch}")
     # Without the placeholder hparams entry TensorBoard's HParams tab shows gapwatch's.
     logger = TensorBoardLogger(args.logdir, name=args.data, default_hp_metric=False)
     trainer = Trainer(
         max_epochs=args.epochs,
         accelerator=args.accelerator,
         logger=logger,
-        callbacks=[monitor, stopper],
-        enable_checkpointing=False,
+        callbacks=[monitor, stopper, keeper],
         log_every_n_steps=10,
         # A progress bar redrawn in place is noise in a log file.
         enable_progress_bar=sys.stderr.isatty(),
@@ -154,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit(model, datamodule=data)
     if not trainer.is_global_zero:
         return
-    reason = stopping_reason(trainer, stopper, args.epochs)
+    reason = f"{stopping_reason(trainer, stopper, args.epochs)} {kept(keeper)}"
     report = Path(logger.log_dir) / "report.md"
     report.write_text(
         f"# gapwatch on {args.data} ({args.arch}, width {args.width})\n\n{reason}\n\n"
