@@ -128,3 +128,18 @@ def test_the_audit_stops_a_logged_run_where_early_stopping_stopped_it(tmp_path: 
 
 def test_a_run_without_held_out_data_is_not_audited() -> None:
     assert audit_run({"train_loss": {0: 1.0, 10: 0.5}}) == []
+
+
+def test_the_audit_leaves_out_the_log_spaced_points_of_a_logged_run(tmp_path: Path) -> None:
+    """``log_steps`` is read from the hparams entry (hparams.yaml holds the model's only)."""
+    monitor = GeneralizationMonitor(
+        sensitivity=False, jacobian=False, ablation=False, figures_every_n_evaluations=0,
+        log_steps=3,
+    )  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="early", version=0, default_hp_metric=False)
+    fit(tmp_path, [monitor], logger=logger, max_epochs=4)
+    assert (tmp_path / "early" / "version_0" / "hparams.yaml").is_file()
+    report = build_report(tmp_path)
+    assert report.hparams[0]["gapwatch/log_steps"] == 3
+    # Steps 1, 2 and 4 were extra evaluations; a monitor saw the 4 epoch ends.
+    assert [row["checks"] for row in report.stopping] == [4, 4]

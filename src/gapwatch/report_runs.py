@@ -70,7 +70,7 @@ def read_run(run_dir: str | Path, prefix: str = "gapwatch/") -> Run:
     accumulator = _load(run_dir)
     curves = _curves(accumulator, prefix)
     final = {name: curve[max(curve)] for name, curve in curves.items()}
-    return Run(final, hyperparameters(run_dir, accumulator), curves)
+    return Run(final, hyperparameters(run_dir, accumulator, prefix), curves)
 
 
 def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
@@ -88,23 +88,33 @@ def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, f
 
 
 def hyperparameters(
-    run_dir: str | Path, accumulator: EventAccumulator | None = None
+    run_dir: str | Path,
+    accumulator: EventAccumulator | None = None,
+    prefix: str | None = None,
 ) -> dict[str, Scalar]:
     """The run's hyperparameters, flattened to ``{"a.b": value}``; ``{}`` if none were saved.
 
     Args:
         run_dir: One run's directory.
         accumulator: Its events, already loaded (read again if ``None`` and needed).
+        prefix: Also take the hparams entry's values whose names start with it: gapwatch
+            writes its own settings (``gapwatch/log_steps``, ...) into that entry at fit end,
+            after Lightning saved ``hparams.yaml``, which it never rewrites.
 
     Returns:
-        Values from ``hparams.yaml`` if the run has one, else from the hparams plugin entry.
-        Values that are neither numbers, strings nor booleans are given as their text.
+        Values from ``hparams.yaml`` if the run has one, else from the hparams plugin entry,
+        and the entry's values under ``prefix`` the file lacks. Values that are neither
+        numbers, strings nor booleans are given as their text.
     """
     path = Path(run_dir) / HPARAMS_FILE
-    if path.is_file():
-        loaded = yaml.load(path.read_text(), Loader=_TolerantLoader)  # a SafeLoader subclass
-        return _flatten(loaded) if isinstance(loaded, dict) else {}
-    return _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
+    if not path.is_file():
+        return _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
+    loaded = yaml.load(path.read_text(), Loader=_TolerantLoader)  # a SafeLoader subclass
+    found = _flatten(loaded) if isinstance(loaded, dict) else {}
+    if prefix is not None:
+        entry = _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
+        found |= {k: v for k, v in entry.items() if k.startswith(prefix) and k not in found}
+    return found
 
 
 def _load(run_dir: str | Path) -> EventAccumulator:

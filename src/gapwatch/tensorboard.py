@@ -374,7 +374,9 @@ class Visuals:
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
         from torch.utils.tensorboard.summary import hparams
 
-        self.logger.hparams.update(settings)  # saved to hparams.yaml beside the events
+        # In the entry only: Lightning saved hparams.yaml at fit start and never rewrites it
+        # (gapwatch report reads these settings from the entry).
+        self.logger.hparams.update(settings)
         params = self.logger._sanitize_params(_flatten_dict(_convert_params(self.logger.hparams)))
         metrics = {self.prefix + n: v for n, v in history[-1].items() if n != "step"}
         writer = self.logger.experiment._get_file_writer()
