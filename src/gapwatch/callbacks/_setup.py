@@ -84,7 +84,8 @@ def train_probe(
         return read_stream(loader, size, split=split, role="train")
     if trainer.world_size > 1:
         raise ValueError(
-            "The train data is an IterableDataset and `train_stream='batches'` takes "
+            "The train data is a stream (an IterableDataset, or a loader whose sampler is "
+            "a one-shot iterator) and `train_stream='batches'` takes "
             "the train probe from the batches training receives, which differ between "
             "processes. Under data parallelism use `train_stream='reread'` (for a "
             "stream that starts again when iterated anew)."
