@@ -108,6 +108,7 @@ def test_main_job_on_digits_writes_logs_and_report(tmp_path, capsys):
     steps = [int(cell) for cell in cells if cell.isdigit()]
     assert steps[:6] == [0, 1, 2, 4, 8, 16]
     assert f"tensorboard --logdir {tmp_path}" in out
+    assert "Checkpoint:       " + str(tmp_path) in out
     assert f"gapwatch report {tmp_path}" in out
     # Piped output as a log file holds it: no carriage returns, nothing over 100 columns.
     assert "\r" not in out

@@ -168,14 +168,17 @@ def main(argv: list[str] | None = None) -> None:
     trainer.fit(model, datamodule=data)
     if not trainer.is_global_zero:
         return
-    reason = f"{stopping_reason(trainer, stopper, args.epochs)} {kept(keeper)}"
+    reason = stopping_reason(trainer, stopper, args.epochs)
     report = Path(logger.log_dir) / "report.md"
     report.write_text(
-        f"# gapwatch on {args.data} ({args.arch}, width {args.width})\n\n{reason}\n\n"
+        f"# gapwatch on {args.data} ({args.arch}, width {args.width})\n\n{reason} "
+        f"{kept(keeper)}\n\n"
         f"{format_table(monitor.history, NAMES)}\n"
     )
     print(f"\n{textwrap.fill(reason, width=100)}\n\n{compact_table(monitor.history, NAMES)}\n")
     print(f"TensorBoard logs: {logger.log_dir}")
+    # A path on its own line: wrapped into a sentence it would break where it cannot be copied.
+    print(f"Checkpoint:       {keeper.best_model_path or 'none saved'} (least {STOP_ON})")
     print(f"Report:           {report}")
     print(f"Open them with:   {_command('tensorboard')} --logdir {args.logdir}")
     print(f"Compare runs:     {_command('gapwatch')} report {args.logdir}")
