@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from gapwatch import GeneralizationMonitor
 from gapwatch.report import build_report, summarize, write_report
+from gapwatch.report_runs import read_run
 from gapwatch.report_stopping import (
     LABEL_FREE_RULES,
     Rule,
@@ -140,6 +141,8 @@ def test_the_audit_leaves_out_the_log_spaced_points_of_a_logged_run(tmp_path: Pa
     fit(tmp_path, [monitor], logger=logger, max_epochs=4)
     assert (tmp_path / "early" / "version_0" / "hparams.yaml").is_file()
     report = build_report(tmp_path)
-    assert report.hparams[0]["gapwatch/log_steps"] == 3
+    # Read for the audit, kept out of the sweep's hyperparameters (no ranking axis).
+    assert read_run(tmp_path / "early" / "version_0").settings["gapwatch/log_steps"] == 3
+    assert "gapwatch/log_steps" not in report.hparams[0]
     # Steps 1, 2 and 4 were extra evaluations; a monitor saw the 4 epoch ends.
     assert [row["checks"] for row in report.stopping] == [4, 4]

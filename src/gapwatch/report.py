@@ -204,9 +204,9 @@ def build_report(
     logdir = Path(logdir)
     runs, hparams, stopping = [], [], []
     for run in find_runs(logdir):
-        final, found_hparams, curves = read_run(run, prefix)
+        final, found_hparams, settings, curves = read_run(run, prefix)
         name = run.relative_to(logdir).as_posix()
-        log_steps = int(found_hparams.get(f"{prefix}log_steps") or 0)
+        log_steps = int(settings.get(f"{prefix}log_steps") or 0)
         stopping += [{"run": name, **row} for row in audit_run(curves, log_steps)]
         # Within-run correlations (corr/<proxy>) describe training curves, not end points;
         # standard errors and their bands describe one run's probe, not the sweep.

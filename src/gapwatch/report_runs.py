@@ -56,21 +56,24 @@ class Run(NamedTuple):
     Attributes:
         final: ``{name: value at the highest step}``, as :func:`final_scalars` gives it.
         hparams: The flattened hyperparameters, as :func:`hyperparameters` gives them.
+        settings: The callbacks' settings, as :func:`callback_settings` gives them.
         curves: ``{name: {step: value}}`` of every scalar under the prefix (a step logged
             twice, as a resumed run does, keeps its last value).
     """
 
     final: dict[str, float]
     hparams: dict[str, Scalar]
+    settings: dict[str, Scalar]
     curves: dict[str, dict[int, float]]
 
 
 def read_run(run_dir: str | Path, prefix: str = "gapwatch/") -> Run:
-    """A run's final scalars, hyperparameters and curves, read from its files once."""
+    """A run's final scalars, hyperparameters, settings and curves, read from its files once."""
     accumulator = _load(run_dir)
     curves = _curves(accumulator, prefix)
     final = {name: curve[max(curve)] for name, curve in curves.items()}
-    return Run(final, hyperparameters(run_dir, accumulator, prefix), curves)
+    hparams = hyperparameters(run_dir, accumulator)
+    return Run(final, hparams, callback_settings(accumulator, prefix), curves)
 
 
 def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, float]:
@@ -88,33 +91,38 @@ def final_scalars(run_dir: str | Path, prefix: str = "gapwatch/") -> dict[str, f
 
 
 def hyperparameters(
-    run_dir: str | Path,
-    accumulator: EventAccumulator | None = None,
-    prefix: str | None = None,
+    run_dir: str | Path, accumulator: EventAccumulator | None = None
 ) -> dict[str, Scalar]:
     """The run's hyperparameters, flattened to ``{"a.b": value}``; ``{}`` if none were saved.
 
     Args:
         run_dir: One run's directory.
         accumulator: Its events, already loaded (read again if ``None`` and needed).
-        prefix: Also take the hparams entry's values whose names start with it: gapwatch
-            writes its own settings (``gapwatch/log_steps``, ...) into that entry at fit end,
-            after Lightning saved ``hparams.yaml``, which it never rewrites.
 
     Returns:
-        Values from ``hparams.yaml`` if the run has one, else from the hparams plugin entry,
-        and the entry's values under ``prefix`` the file lacks. Values that are neither
-        numbers, strings nor booleans are given as their text.
+        Values from ``hparams.yaml`` if the run has one, else from the hparams plugin entry.
+        Values that are neither numbers, strings nor booleans are given as their text.
     """
     path = Path(run_dir) / HPARAMS_FILE
-    if not path.is_file():
-        return _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
-    loaded = yaml.load(path.read_text(), Loader=_TolerantLoader)  # a SafeLoader subclass
-    found = _flatten(loaded) if isinstance(loaded, dict) else {}
-    if prefix is not None:
-        entry = _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
-        found |= {k: v for k, v in entry.items() if k.startswith(prefix) and k not in found}
-    return found
+    if path.is_file():
+        loaded = yaml.load(path.read_text(), Loader=_TolerantLoader)  # a SafeLoader subclass
+        return _flatten(loaded) if isinstance(loaded, dict) else {}
+    return _plugin_hparams(accumulator if accumulator is not None else _load(run_dir))
+
+
+def callback_settings(accumulator: EventAccumulator, prefix: str) -> dict[str, Scalar]:
+    """The callbacks' own settings (``gapwatch/log_steps``, ...), from the hparams entry.
+
+    The callback writes them into that entry at fit end, after Lightning saved
+    ``hparams.yaml``, which it never rewrites; so they are read from the entry even where
+    the run has the file. They are no hyperparameters of the sweep (no ranking axes).
+
+    Args:
+        accumulator: The run's events, loaded.
+        prefix: The callbacks' prefix.
+    """
+    entry = _plugin_hparams(accumulator)
+    return {name: value for name, value in entry.items() if name.startswith(prefix)}
 
 
 def _load(run_dir: str | Path) -> EventAccumulator:
