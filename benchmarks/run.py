@@ -100,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--min-seconds", type=float, help="more rounds for cheap cases (default 2, quick 0)"
     )
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads (default: torch's, as users run)"
+    )
     parser.add_argument("--out", type=Path, help="also write the JSON lines to this file")
     parser.add_argument("--cases", default=",".join(map(str, CASES)), help="e.g. 1,3")
     args = parser.parse_args(argv)
@@ -110,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         args.repeats or defaults[0],
         defaults[1] if args.min_seconds is None else args.min_seconds,
     )
-    torch.set_num_threads(args.threads)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     quiet()
     lines = [{"machine": machine(torch.get_num_threads(), sizes)}]
     print(json.dumps(lines[0]), flush=True)

@@ -169,6 +169,11 @@ class BatchCollector:
         self._count = 0
 
     @property
+    def count(self) -> int:
+        """Samples collected so far."""
+        return self._count
+
+    @property
     def full(self) -> bool:
         """Whether ``size`` samples have been collected."""
         return self._count >= self.size

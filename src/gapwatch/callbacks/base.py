@@ -34,7 +34,7 @@ from gapwatch.callbacks._drawing import BatchCollector
 from gapwatch.callbacks._loss import LossProxy
 from gapwatch.callbacks._probes import Probe, Probes, split_batch
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy
-from gapwatch.callbacks._schedule import Checks
+from gapwatch.callbacks._schedule import Checks, Reader, refuse_missing
 from gapwatch.functional._common import DEFAULT_BATCH_SIZE
 from gapwatch.functional._inputs import Inputs
 from gapwatch.tensorboard import Visuals, placeholder_warning, summary_table, tensorboard_logger
@@ -79,7 +79,8 @@ class ProbeCallback(Callback):
             first ``probe_size`` samples training receives (nothing is read twice; the
             first evaluation comes once they are in, so there is no step 0), ``"reread"``
             reads the data set again from its start (only for streams that start again
-            when iterated anew, such as files; gives step 0).
+            when iterated anew, such as files; gives step 0). A monitor that would check
+            before the first value raises there, naming the fixes.
         figures_every_n_evaluations: With a ``TensorBoardLogger``, draw the figures at
             every n-th evaluation (each costs some tens of milliseconds); 0 draws none.
     """
@@ -191,8 +192,9 @@ class ProbeCallback(Callback):
         self._gathers_values = trainer.world_size > 1 and tensorboard_logger(trainer) is not None
         self._checks = Checks.of(trainer, self.prefix)
         if self._checks.readers:
+            names = ", ".join(dict.fromkeys(reader.name for reader in self._checks.readers))
             rank_zero_info(
-                f"gapwatch also evaluates wherever {', '.join(self._checks.readers)} reads its "
+                f"gapwatch also evaluates wherever {names} reads its "
                 "value, so that a check never sees the previous one's value again."
             )
 
@@ -225,18 +227,19 @@ class ProbeCallback(Callback):
                 train, self._collector = self._collector.probe(), None
                 self._prepare(trainer, pl_module, train)
                 self._evaluate(trainer, pl_module)
-            return
-        if self._checks.after_batch(
+        elif self._checks.after_batch(
             trainer, batch_idx, _evaluation.logged_step(trainer),
             every_n_epochs=self.every_n_epochs, every_n_train_steps=self.every_n_train_steps,
             log_steps=self.log_steps,
         ):  # fmt: skip
             self._evaluate(trainer, pl_module)
+        self._refuse_missing(trainer, self._checks.due(trainer, batch_idx), at_validation=False)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Evaluate before a validation whose end a monitor of a gapwatch metric checks at."""
         if self._checks.at_validation and not trainer.sanity_checking:
             self._evaluate(trainer, pl_module)
+            self._refuse_missing(trainer, self._checks.due(trainer, None), at_validation=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Catch an epoch whose last batch went unnoticed (an iterable loader, say)."""
@@ -279,6 +282,15 @@ class ProbeCallback(Callback):
                     self.proxies, model, probes, skip_inapplicable=self._skips_inapplicable
                 )
             self._probes = _setup.shard(probes, trainer, pl_module.device)
+
+    def _refuse_missing(
+        self, trainer: Trainer, readers: list[Reader], *, at_validation: bool
+    ) -> None:
+        collected = None if self._collector is None else self._collector.count
+        refuse_missing(
+            trainer, readers, self.history, at_validation=at_validation, prefix=self.prefix,
+            probe_size=self.probe_size, collected=collected,
+        )  # fmt: skip
 
     def _forward(self, model: nn.Module, probes: Probes, context: Context) -> Outputs:
         """The shared pass of an evaluation (a method, so benchmarks can time it)."""
