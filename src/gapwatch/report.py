@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from gapwatch._correlations import BANDS, CORR, HELDOUT_LOSS, SE, kendall, proxy_names
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.report_runs import ReportError, Scalar, final_scalars, find_runs, read_run
 from gapwatch.report_stats import RANKING_FIELDS, rankings, varying_axes
 from gapwatch.report_stopping import audit_run
-from gapwatch.tensorboard import BANDS, CORR, HELDOUT_LOSS, SE, kendall, proxy_names
 
 __all__ = ["CORRELATION_FIELDS", "RANKING_FIELDS", "Report", "ReportError", "build_report",
            "correlations", "final_scalars", "find_runs", "fit_gap", "kendall", "pearson",

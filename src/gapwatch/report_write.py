@@ -12,10 +12,10 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
+from gapwatch._correlations import HELDOUT_LOSS
 from gapwatch.report import CORRELATION_FIELDS, NO_GAP_FIT, Report, column
 from gapwatch.report_stats import LARGER_GENERALIZES_BETTER, RANKING_FIELDS
 from gapwatch.report_stopping import summary
-from gapwatch.tensorboard import HELDOUT_LOSS
 
 #: The ranking table of ``report.md``: (column header, key of a ranking row).
 RANKING_COLUMNS = [("proxy", "proxy"), ("tau gap", "tau_gap"), ("pairs", "pairs_gap"),

@@ -30,7 +30,7 @@ from gapwatch import (
 from gapwatch.callbacks._drawing import eligible_indices
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 from gapwatch.functional import RowSeeds, predicted_test_loss
-from gapwatch.functional.sensitivity import softmax_mse
+from gapwatch.functional.predicted_loss import softmax_mse
 
 from .conftest import make_trainer
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F  # noqa: N812
 from gapwatch import OutputSensitivity
 from gapwatch.callbacks._proxy import Context
 from gapwatch.functional import output_sensitivity, predicted_test_loss
-from gapwatch.functional.sensitivity import input_second_moment, softmax_mse
+from gapwatch.functional.predicted_loss import input_second_moment, softmax_mse
 
 from .conftest import fit
 

@@ -13,12 +13,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from gapwatch import GeneralizationMonitor
+from gapwatch._correlations import proxy_names, summary_table
 from gapwatch.callbacks._proxy import sum_and_count
 from gapwatch.callbacks._uncertainty import cluster_sums, mean_se, variance_and_se
 from gapwatch.functional import jacobian_norm, transitions
 from gapwatch.functional._common import RowSeeds
 from gapwatch.functional.sensitivity import noise_response
-from gapwatch.tensorboard import proxy_names, summary_table
 from tests.conftest import own_warnings
 
 from .conftest import fit, read_scalars

@@ -18,8 +18,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from torchmetrics.functional import kendall_rank_corrcoef
 
 from gapwatch import GeneralizationMonitor
+from gapwatch._correlations import proxy_names
 from gapwatch.callbacks.jacobian_norm import JacobianProxy
-from gapwatch.tensorboard import proxy_names
 from tests.conftest import own_warnings
 
 from .conftest import fit, read_scalars

@@ -21,13 +21,13 @@ import torch
 from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
+from gapwatch._correlations import correlations
 from gapwatch.callbacks._compiled import uncompiled
 from gapwatch.callbacks._distributed import reduce_stats
 from gapwatch.callbacks._probes import Probes, Role
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy, Stats
 from gapwatch.callbacks._rng import isolated_rng
 from gapwatch.functional._common import evaluation, forward_chunks
-from gapwatch.tensorboard import correlations
 
 #: The shared pass: ``(model, probes, context) -> Outputs`` (the callback's ``_forward``).
 Forward = Callable[[nn.Module, Probes, Context], Outputs]

@@ -28,6 +28,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
+from gapwatch._correlations import summary_table
 from gapwatch.callbacks import _evaluation, _options, _publishing, _setup
 from gapwatch.callbacks._compiled import uncompiled
 from gapwatch.callbacks._drawing import BatchCollector
@@ -37,7 +38,7 @@ from gapwatch.callbacks._proxy import Context, Outputs, Proxy
 from gapwatch.callbacks._schedule import Checks, Reader, refuse_missing
 from gapwatch.functional._common import DEFAULT_BATCH_SIZE
 from gapwatch.functional._inputs import Inputs
-from gapwatch.tensorboard import Visuals, placeholder_warning, summary_table, tensorboard_logger
+from gapwatch.tensorboard import Visuals, placeholder_warning, tensorboard_logger
 
 #: The callback's own settings in the hparams entry (beside each proxy's).
 SETTINGS = ("every_n_epochs", "every_n_train_steps", "log_steps", "probe_size", "batch_size",

@@ -21,12 +21,8 @@ from gapwatch.callbacks._proxy import (
 from gapwatch.callbacks._uncertainty import cluster_sums, variance_and_se
 from gapwatch.callbacks.base import ProbeCallback
 from gapwatch.functional._common import check_positive
-from gapwatch.functional.sensitivity import (
-    noise_response,
-    predicted_test_loss,
-    sigma_term,
-    softmax_mse,
-)
+from gapwatch.functional.predicted_loss import predicted_test_loss, sigma_term, softmax_mse
+from gapwatch.functional.sensitivity import noise_response
 
 
 class SensitivityProxy(Proxy):

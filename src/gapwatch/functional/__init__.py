@@ -21,8 +21,9 @@ from gapwatch.functional.normalized_loss import (
     normalization_factor,
     normalized_cross_entropy,
 )
+from gapwatch.functional.predicted_loss import predicted_test_loss, sigma_term
 from gapwatch.functional.prediction_changes import predicted_classes, prediction_changes
-from gapwatch.functional.sensitivity import output_sensitivity, predicted_test_loss, sigma_term
+from gapwatch.functional.sensitivity import output_sensitivity
 from gapwatch.functional.transitions import transitions
 
 __all__ = [
