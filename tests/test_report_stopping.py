@@ -19,6 +19,7 @@ from gapwatch.report_stopping import (
     LABEL_FREE_RULES,
     Rule,
     audit_run,
+    cadence,
     checked_steps,
     regrets,
     stop_index,
@@ -146,3 +147,24 @@ def test_the_audit_leaves_out_the_log_spaced_points_of_a_logged_run(tmp_path: Pa
     assert "gapwatch/log_steps" not in report.hparams[0]
     # Steps 1, 2 and 4 were extra evaluations; a monitor saw the 4 epoch ends.
     assert [row["checks"] for row in report.stopping] == [4, 4]
+
+
+def test_the_audit_names_what_its_patience_counts(tmp_path: Path) -> None:
+    """A run that evaluated every 2 epochs is audited at those evaluations, and says so."""
+    monitor = GeneralizationMonitor(
+        sensitivity=False, jacobian=False, ablation=False, figures_every_n_evaluations=0,
+        every_n_epochs=2,
+    )  # fmt: skip
+    logger = TensorBoardLogger(tmp_path, name="sparse", version=0, default_hp_metric=False)
+    fit(tmp_path, [monitor], logger=logger, max_epochs=6)
+    report = build_report(tmp_path)
+    assert {row["evaluated"] for row in report.stopping} == {"every 2 epochs"}
+    assert {row["checks"] for row in report.stopping} == {3}
+    write_report(report, tmp_path / "out")
+    assert "every 2 epochs" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_cadence_in_words() -> None:
+    assert cadence() == "every epoch"
+    assert cadence("3", "None") == "every 3 epochs"
+    assert cadence(1, 50) == "every epoch and every 50 steps"

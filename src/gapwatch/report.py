@@ -26,7 +26,7 @@ from gapwatch._correlations import BANDS, CORR, HELDOUT_LOSS, SE, kendall, proxy
 from gapwatch.functional.gap_estimator import GapEstimator
 from gapwatch.report_runs import ReportError, Scalar, final_scalars, find_runs, read_run
 from gapwatch.report_stats import RANKING_FIELDS, rankings, varying_axes
-from gapwatch.report_stopping import audit_run
+from gapwatch.report_stopping import audit_run, cadence
 
 __all__ = ["CORRELATION_FIELDS", "RANKING_FIELDS", "Report", "ReportError", "build_report",
            "correlations", "final_scalars", "find_runs", "fit_gap", "kendall", "pearson",
@@ -207,7 +207,12 @@ def build_report(
         final, found_hparams, settings, curves = read_run(run, prefix)
         name = run.relative_to(logdir).as_posix()
         log_steps = int(settings.get(f"{prefix}log_steps") or 0)
-        stopping += [{"run": name, **row} for row in audit_run(curves, log_steps)]
+        evaluated = cadence(
+            settings.get(f"{prefix}every_n_epochs", 1), settings.get(f"{prefix}every_n_train_steps")
+        )
+        stopping += [
+            {"run": name, **row} for row in audit_run(curves, log_steps, evaluated=evaluated)
+        ]
         # Within-run correlations (corr/<proxy>) describe training curves, not end points;
         # standard errors and their bands describe one run's probe, not the sweep.
         final = {

@@ -10,7 +10,10 @@ rule gave up against an oracle that knew the held-out curve.
 
 :func:`checked_steps` picks, from a run's logged steps, the evaluations an
 ``EarlyStopping`` would have seen: not step 0 (before training) and not the extra
-log-spaced early points of ``log_steps``, which no monitor reads.
+log-spaced early points of ``log_steps``, which no monitor reads. ``patience`` counts
+those evaluations, so it means epochs only for a run that evaluated once an epoch; the
+audit names each run's :func:`cadence`. (An ``EarlyStopping`` attached to a run makes
+gapwatch evaluate at each of its checks, whatever ``every_n_epochs`` says.)
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LABEL_FREE_RULES", "Rule", "audit_run", "checked_steps", "regrets", "stop_index",
-           "summary"]  # fmt: skip
+__all__ = ["LABEL_FREE_RULES", "Rule", "audit_run", "cadence", "checked_steps", "regrets",
+           "stop_index", "summary"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -155,10 +158,28 @@ def _least(values: Sequence[float]) -> float:
     return min((v for v in values if math.isfinite(v)), default=math.nan)
 
 
+def cadence(every_n_epochs: object = 1, every_n_train_steps: object = None) -> str:
+    """How often a run's callback evaluated, in words: what the audit's patience counts.
+
+    Args:
+        every_n_epochs: The callback's ``every_n_epochs``, as its hparams entry holds it.
+        every_n_train_steps: Its ``every_n_train_steps`` (``None`` or ``"None"``: unset).
+
+    Returns:
+        ``"every epoch"``, ``"every 2 epochs"``, ``"every epoch and every 50 steps"``, ...
+    """
+    epochs = int(every_n_epochs) if isinstance(every_n_epochs, (int, float, str)) else 1
+    words = "every epoch" if epochs == 1 else f"every {epochs} epochs"
+    if every_n_train_steps not in (None, "None", "", 0):
+        words += f" and every {int(str(every_n_train_steps))} steps"
+    return words
+
+
 def audit_run(
     curves: Mapping[str, Mapping[int, float]],
     log_steps: int = 0,
     rules: Sequence[Rule] = LABEL_FREE_RULES,
+    evaluated: str = "every epoch",
 ) -> list[dict[str, Any]]:
     """Where each rule would have stopped one logged run, and what it would have cost.
 
@@ -166,11 +187,12 @@ def audit_run(
         curves: ``{metric: {step: value}}`` as the report reads them (names unprefixed).
         log_steps: The run's ``log_steps`` setting (its extra early points are not checks).
         rules: The rules to replay.
+        evaluated: The run's :func:`cadence`, copied into each row.
 
     Returns:
-        :func:`regrets`' rows with ``step`` (the logged step of the stop) and ``checks``
-        (how many evaluations a monitor would have seen); ``[]`` for a run without a
-        held-out loss or without a check.
+        :func:`regrets`' rows with ``step`` (the logged step of the stop), ``checks``
+        (how many evaluations a monitor would have seen) and ``evaluated``; ``[]`` for a
+        run without a held-out loss or without a check.
     """
     if "test_loss" not in curves:
         return []
@@ -180,7 +202,10 @@ def audit_run(
     names = {"test_loss", "test_acc", *(rule.monitor for rule in rules)} & set(curves)
     aligned = {name: [curves[name].get(step, math.nan) for step in steps] for name in names}
     rows = regrets(aligned, rules)
-    return [{**row, "step": steps[row["check"] - 1], "checks": len(steps)} for row in rows]
+    return [
+        {**row, "step": steps[row["check"] - 1], "checks": len(steps), "evaluated": evaluated}
+        for row in rows
+    ]
 
 
 def summary(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

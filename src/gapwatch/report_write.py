@@ -26,8 +26,8 @@ RANKING_COLUMNS = [("proxy", "proxy"), ("tau gap", "tau_gap"), ("pairs", "pairs_
                    ("worst group", "worst_group")]  # fmt: skip
 
 #: The stopping audit's columns, in ``stopping.csv`` and ``report.md``.
-STOPPING_FIELDS = ["run", "rule", "stopped", "check", "checks", "step", "loss", "loss_regret",
-                   "error_regret", "checkpoint", "checkpoint_loss_regret",
+STOPPING_FIELDS = ["run", "rule", "stopped", "check", "checks", "evaluated", "step", "loss",
+                   "loss_regret", "error_regret", "checkpoint", "checkpoint_loss_regret",
                    "checkpoint_error_regret"]  # fmt: skip
 #: Its summary over runs: (column header, key of a :func:`summary` row).
 SUMMARY_COLUMNS = [("rule", "rule"), ("runs", "runs"), ("stopped", "stopped"),
@@ -240,7 +240,8 @@ def stopping_section(stopping: Sequence[dict[str, Any]]) -> list[str]:
         "extras). Regret: the held-out loss (error) at its stop minus the run's best over "
         "those evaluations. A rule that never stopped is scored at the last evaluation. "
         'Best checkpoint: the evaluation a `ModelCheckpoint(monitor, mode="min")` beside it '
-        "would have kept (its least value up to the stop).",
+        "would have kept (its least value up to the stop). `patience` counts the run's "
+        "evaluations (`evaluated`): epochs only where it evaluated every epoch.",
         "",
         *_table(
             [header for header, _ in SUMMARY_COLUMNS],
