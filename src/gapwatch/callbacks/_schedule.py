@@ -20,40 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 
-
-@dataclass(frozen=True)
-class Reader:
-    """A callback that reads a gapwatch metric, and where it reads it."""
-
-    callback: Callback
-    monitor: str
-    at_validation: bool = False
-    at_train_epoch_end: bool = False
-    every_n_train_steps: int | None = None
-
-    @property
-    def name(self) -> str:
-        """How messages name it: ``EarlyStopping(gapwatch/prediction_changes)``."""
-        return f"{type(self.callback).__name__}({self.monitor})"
-
-    def fails_without_value(self, trainer: Trainer, *, at_validation: bool) -> bool:
-        """Whether its next check raises when the metric is missing, as Lightning decides it.
-
-        ``ModelCheckpoint`` raises once a validation has run: a check at validation end
-        always follows one, and a check at an epoch's end follows the epoch's validation.
-        """
-        if isinstance(self.callback, EarlyStopping):
-            return bool(self.callback.strict)
-        if not isinstance(self.callback, ModelCheckpoint):
-            return False
-        every = trainer.check_val_every_n_epoch
-        validates_now = sum(trainer.num_val_batches) > 0 and (
-            every is not None and (trainer.current_epoch + 1) % every == 0
-        )
-        return at_validation or validates_now or trainer.fit_loop.epoch_loop.val_loop._has_run
+from gapwatch.callbacks._readers import Reader
 
 
 @dataclass(frozen=True)
@@ -151,62 +121,3 @@ def log_spaced(step: int, log_steps: int) -> bool:
         True for ``step = 2**k`` with ``0 <= k < log_steps``.
     """
     return step > 0 and step & (step - 1) == 0 and int(math.log2(step)) < log_steps
-
-
-def refuse_missing(
-    trainer: Trainer,
-    readers: list[Reader],
-    history: list[dict[str, float]],
-    *,
-    at_validation: bool,
-    prefix: str,
-    probe_size: int,
-    collected: int | None,
-) -> None:
-    """Fail, naming the fix, where a check would stop the fit for a value not logged yet.
-
-    Only a stream's train probe delays gapwatch's values past the first check: it fills
-    from the samples training receives, and a metric such as ``prediction_changes`` needs
-    an evaluation before it. Lightning's own error would list other metrics and say to
-    log this one. After two evaluations a missing metric is the reader's own (a misspelt
-    name, say), which Lightning's message covers.
-
-    Args:
-        trainer: Its ``callback_metrics`` hold what the readers will find.
-        readers: The readers that check next.
-        at_validation: Whether they check at this validation's end (else after this batch).
-        history: gapwatch's evaluations so far.
-        prefix: The callback's ``prefix``.
-        probe_size: The callback's ``probe_size``.
-        collected: Samples of the train probe in so far; None once it is complete.
-    """
-    if len(history) >= 2:
-        return
-    for reader in readers:
-        if reader.monitor in trainer.callback_metrics or not reader.fails_without_value(
-            trainer, at_validation=at_validation
-        ):
-            continue
-        if collected is not None:
-            why = (
-                f"only {collected} of them have arrived by this check (step {trainer.global_step})"
-            )
-        else:
-            logged = sorted(prefix + name for name in history[0] if name != "step")
-            why = (
-                f"all {probe_size} of them were in at step {int(history[0]['step'])}, where "
-                f"gapwatch evaluated for the first time; `{reader.monitor}` needs an earlier "
-                "evaluation (if it is not prediction_changes, check its spelling: gapwatch "
-                f"logs {logged})"
-            )
-        fix = "`EarlyStopping(strict=False)` to skip the checks until there is a value, "
-        if isinstance(reader.callback, ModelCheckpoint):
-            fix = ""
-        raise RuntimeError(
-            f"{reader.name} checks before gapwatch has a value of `{reader.monitor}` and would "
-            "stop the fit. The train data is a stream, so gapwatch's train probe is the first "
-            f"probe_size={probe_size} samples training receives, and {why}. Pass {fix}a "
-            "probe_size that the stream delivers before its first check (before its last batch "
-            "for prediction changes), or train_stream='reread' for a stream that starts again "
-            "when iterated anew (then gapwatch evaluates at step 0)."
-        )

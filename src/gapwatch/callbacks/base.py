@@ -35,7 +35,8 @@ from gapwatch.callbacks._drawing import BatchCollector
 from gapwatch.callbacks._loss import LossProxy
 from gapwatch.callbacks._probes import Probe, Probes, split_batch
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy
-from gapwatch.callbacks._schedule import Checks, Reader, refuse_missing
+from gapwatch.callbacks._readers import Reader, refuse_missing, refuse_unfillable
+from gapwatch.callbacks._schedule import Checks
 from gapwatch.functional._common import DEFAULT_BATCH_SIZE
 from gapwatch.functional._inputs import Inputs
 from gapwatch.tensorboard import Visuals, placeholder_warning, tensorboard_logger
@@ -208,6 +209,10 @@ class ProbeCallback(Callback):
         )
         if isinstance(train, BatchCollector):
             self._collector = train
+            refuse_unfillable(
+                trainer, self._checks.readers, probe_size=self.probe_size,
+                batch_size=_setup.train_loader(trainer).batch_size,
+            )  # fmt: skip
             return
         self._prepare(trainer, pl_module, train)
         if self.last_step is None and _evaluation.logged_step(trainer) == 0:
