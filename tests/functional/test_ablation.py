@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 import torch
 import torchvision
@@ -8,11 +7,11 @@ from gapwatch.functional.ablation import (
     UnbatchableSplitError,
     ablation_from_activations,
     ablation_in_chunks,
-    ablation_summary,
     split_model,
     unit_ablation,
 )
 from tests.conftest import make_mlp
+from tests.functional.test_ablation_curves import assert_matches_authors
 
 # ---------------------------------------------------------------- independent references
 
@@ -54,41 +53,6 @@ def assert_matches_naive(result, reference):
         row = result.classes.tolist().index(j)
         got = (result.curves if o == 0 else result.curves_reversed)[row, n].item()
         assert got == pytest.approx(expected, abs=1e-6), (j, o, n)
-
-
-def authors_quantities(curve, curve_reversed, chance):
-    """Eqs. 2-5 as the authors' code computes them, in numpy, for one class.
-
-    ``n0``: the first ``n`` with ``E(n) <= chance``, else ``argmin E``; ``n0_r``: the last
-    maximum of ``E_r`` without ``n = M`` (``target_curve[::-1][1:]``); ``kappa``: the signed
-    mean of ``E_r - E`` over the ``M + 1`` levels. Also eq. 5 as printed, for comparison.
-    """
-    e, e_r = np.asarray(curve, dtype=np.float64), np.asarray(curve_reversed, dtype=np.float64)
-    m = len(e) - 1
-    # The curves are float32 (1/10 is 0.1f): compared with chance at the same precision.
-    below = np.where(e.astype(np.float32) <= np.float32(chance))[0]
-    n0 = int(below[0]) if len(below) else int(np.argmin(e))
-    n0_r = m - 1 - int(np.argmax(e_r[::-1][1:]))
-    return {
-        "n0": n0,
-        "n0_r": n0_r,
-        "zeta": (n0 + m - n0_r) / (2 * m),
-        "kappa_authors": float(np.mean(e_r - e)),
-        "kappa_paper": float(np.sum(np.abs(e_r - e)) / m),
-    }
-
-
-def assert_matches_authors(result, chance):
-    """Every class of ``result`` against :func:`authors_quantities` on its own curves."""
-    for row in range(len(result.classes)):
-        ref = authors_quantities(result.curves[row], result.curves_reversed[row], chance)
-        assert result.n0[row].item() == ref["n0"]
-        assert result.n0_r[row].item() == ref["n0_r"]
-        assert result.zeta_per_class[row].item() == pytest.approx(ref["zeta"], abs=1e-6)
-    return [
-        authors_quantities(result.curves[r], result.curves_reversed[r], chance)
-        for r in range(len(result.classes))
-    ]
 
 
 def spread(units):
@@ -158,68 +122,6 @@ class BatchSizeReused(nn.Module):
 # ---------------------------------------------------------------- eqs. 2-6 by hand
 
 
-def test_summary_matches_hand_computation():
-    curves = torch.tensor([[1.0, 0.6, 0.25, 0.0, 0.0], [1.0, 1.0, 0.9, 0.5, 0.3]])
-    reversed_ = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.0], [0.5, 0.6, 0.9, 0.9, 0.3]])
-    result = ablation_summary(curves, reversed_, chance=0.25)
-    # class 0: E hits chance (<=) at n=2; E_r's plateau at its maximum ends at n=2.
-    # class 1: E never reaches chance -> n0 = its first minimum, n=4; E_r's last maximum
-    # is at n=3.
-    assert result.n0.tolist() == [2, 4]
-    assert result.n0_r.tolist() == [2, 3]
-    assert result.zeta_per_class.tolist() == pytest.approx([(2 + 4 - 2) / 8, (4 + 4 - 3) / 8])
-    kappa = [(0 + 0.4 + 0.75 + 0.5 + 0) / 4, (0.5 + 0.4 + 0 + 0.4 + 0) / 4]
-    assert result.kappa_per_class.tolist() == pytest.approx(kappa, abs=1e-6)
-    assert result.zeta.item() == pytest.approx((0.5 + 0.625) / 2)
-    assert result.kappa.item() == pytest.approx(sum(kappa) / 2, abs=1e-6)
-    assert result.zeta.ndim == result.kappa.ndim == 0
-    assert result.classes.tolist() == [0, 1]
-
-
-def test_n0_r_excludes_the_end_point_for_the_class_an_empty_layer_predicts():
-    # Class 0 is the one an all-zero layer predicts: E_r(M) = E(M) = 1, a maximum that
-    # would give M - n0_r = 0. The plateau before it ends at n = 2.
-    curves = torch.tensor([[1.0, 0.8, 0.1, 0.2, 1.0], [1.0, 0.5, 0.0, 0.0, 0.0]])
-    reversed_ = torch.tensor([[1.0, 1.0, 1.0, 0.4, 1.0], [1.0, 1.0, 0.75, 0.75, 0.0]])
-    result = ablation_summary(curves, reversed_, chance=0.25)
-    assert result.n0_r.tolist() == [2, 1]
-    assert result.n0.tolist() == [2, 2]
-    assert result.zeta_per_class.tolist() == pytest.approx([(2 + 2) / 8, (2 + 3) / 8])
-    refs = assert_matches_authors(result, chance=0.25)
-    assert [r["n0_r"] for r in refs] == [2, 1]
-
-
-def test_n0_falls_back_to_the_first_minimum_when_e_never_reaches_chance():
-    # E dips to 0.4 at n = 2 and 3, never to chance 0.25, and climbs back to 1 at n = M:
-    # n0 is the first minimum (the authors' argmin), not M.
-    curves = torch.tensor([[1.0, 0.6, 0.4, 0.4, 1.0], [1.0, 0.9, 0.8, 0.7, 0.6]])
-    reversed_ = torch.tensor([[1.0, 1.0, 0.9, 0.5, 1.0], [1.0, 1.0, 1.0, 0.9, 0.6]])
-    result = ablation_summary(curves, reversed_, chance=0.25)
-    assert result.n0.tolist() == [2, 4]
-    assert_matches_authors(result, chance=0.25)
-
-
-def test_kappa_paper_and_authors_implement_their_equations():
-    # The curves cross in class 1 (E above E_r at n = 1): the signed mean subtracts there.
-    curves = torch.tensor([[1.0, 0.6, 0.25, 0.0, 0.0], [1.0, 0.9, 0.2, 0.0, 0.0]])
-    reversed_ = torch.tensor([[1.0, 1.0, 1.0, 0.5, 0.0], [1.0, 0.3, 0.6, 0.1, 0.0]])
-    paper = ablation_summary(curves, reversed_, chance=0.25)
-    authors = ablation_summary(curves, reversed_, chance=0.25, kappa="authors")
-    by_hand_paper = [(0 + 0.4 + 0.75 + 0.5 + 0) / 4, (0 + 0.6 + 0.4 + 0.1 + 0) / 4]
-    by_hand_authors = [(0 + 0.4 + 0.75 + 0.5 + 0) / 5, (0 - 0.6 + 0.4 + 0.1 + 0) / 5]
-    assert paper.kappa_per_class.tolist() == pytest.approx(by_hand_paper, abs=1e-6)
-    assert authors.kappa_per_class.tolist() == pytest.approx(by_hand_authors, abs=1e-6)
-    assert authors.kappa.item() == pytest.approx(sum(by_hand_authors) / 2, abs=1e-6)
-    refs = assert_matches_authors(authors, chance=0.25)
-    assert [r["kappa_authors"] for r in refs] == pytest.approx(by_hand_authors, abs=1e-6)
-    assert [r["kappa_paper"] for r in refs] == pytest.approx(by_hand_paper, abs=1e-6)
-    # Only kappa depends on the option.
-    for field in ("n0", "n0_r", "zeta_per_class", "curves", "curves_reversed"):
-        assert torch.equal(getattr(paper, field), getattr(authors, field))
-    with pytest.raises(ValueError, match=r"Unknown kappa 'signed'.*'paper', 'authors'"):
-        ablation_summary(curves, reversed_, chance=0.25, kappa="signed")
-
-
 def test_a_trained_mlp_matches_the_authors_quantities(trained_mlp, digits):
     x, y = subset(*digits, classes=range(10), per_class=10)
     paper = unit_ablation(trained_mlp, "3", x, y, num_classes=10)
@@ -235,11 +137,6 @@ def test_a_trained_mlp_matches_the_authors_quantities(trained_mlp, digits):
     assert authors.kappa_per_class.tolist() == pytest.approx(kappas, abs=1e-6)
     kappas = [r["kappa_paper"] for r in refs]
     assert paper.kappa_per_class.tolist() == pytest.approx(kappas, abs=1e-6)
-
-
-def test_summary_rejects_mismatched_curves():
-    with pytest.raises(ValueError, match="M >= 1"):
-        ablation_summary(torch.ones(2, 5), torch.ones(2, 4), chance=0.1)
 
 
 # ---------------------------------------------------------------- an analytic suffix
@@ -416,31 +313,6 @@ def test_reuses_a_captured_activation(trained_mlp, digits):
     assert torch.equal(reused.curves, direct.curves)
 
 
-@pytest.mark.parametrize("method", ["fx", "hook"])
-def test_run_gives_the_outputs_and_the_capture_from_one_pass(method):
-    # The suffix starts with an in-place ReLU: it must not rewrite the kept activation.
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 3)).eval()
-    x = torch.randn(20, 4)
-    rows: list[int] = []
-    model[0].register_forward_pre_hook(lambda _, args: rows.append(args[0].shape[0]))
-    split = split_model(model, "0", method=method)
-    activation, live, outputs = split.run(x, batch_size=7)
-    assert rows == [7, 7, 6], "the layer ran more than once per sample"
-    captured, captured_live = split.capture(x, batch_size=7)
-    assert (activation < 0).any(), "the ReLU after the layer clipped the kept activation"
-    assert torch.equal(activation, captured)
-    assert all(torch.equal(a, b) for a, b in zip(live, captured_live, strict=True))
-    with torch.no_grad():
-        # Chunk by chunk, as `run` computes: a matmul over 20 rows may round differently.
-        assert torch.equal(outputs, torch.cat([model(x[i : i + 7]) for i in range(0, 20, 7)]))
-    keep = torch.arange(20) % 3 == 0  # rows in every chunk, and a chunk end
-    kept, kept_live, all_outputs = split.run(x, batch_size=7, keep=keep)
-    assert torch.equal(kept, captured[keep])
-    assert all(torch.equal(a, b[keep]) for a, b in zip(kept_live, captured_live, strict=True))
-    assert torch.equal(all_outputs, outputs)
-
-
 class InfiniteUnit(nn.Module):
     """Adds +inf to unit 0 of its input: a layer output no mask should multiply."""
 
@@ -474,15 +346,6 @@ def test_classes_without_samples_are_skipped_with_a_warning(trained_mlp, digits)
     torch.testing.assert_close(chosen.curves[0], result.curves[1])
 
 
-def test_bad_layer_lists_valid_paths():
-    model = torchvision.models.resnet18(weights=None)
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
-    with pytest.raises(ValueError, match=r"Did you mean 'layer4'.*layer3\.1, layer4, layer4\.0"):
-        unit_ablation(model, "layer5", x, y, num_classes=1000)
-    with pytest.raises(ValueError, match="Valid paths: 0, 1, 2"):
-        split_model(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2)), "fc")
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -508,33 +371,6 @@ def test_bad_input_names_the_fix(trained_mlp, kwargs, error, match):
     arguments.update(kwargs)
     with pytest.raises(error, match=match):
         unit_ablation(trained_mlp, **arguments)
-
-
-def test_layer_output_must_be_2d_or_4d():
-    model = nn.Sequential(nn.Flatten(), nn.Unflatten(1, (4, 16)), nn.Flatten(), nn.Linear(64, 3))
-    with pytest.raises(ValueError, match=r"\[N, F\].*\[N, C, H, W\]"):
-        unit_ablation(model, "1", torch.randn(3, 64), torch.tensor([0, 1, 2]), num_classes=3)
-
-
-def test_layer_used_twice_is_rejected():
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.layer(self.layer(x))
-
-    for method in ("fx", "hook"):
-        with pytest.raises(ValueError, match="exactly once"):
-            unit_ablation(
-                Twice(),
-                "layer",
-                torch.randn(2, 4),
-                torch.tensor([0, 1]),
-                num_classes=4,
-                method=method,
-            )
 
 
 def test_ablation_in_chunks_equals_the_whole_capture(trained_mlp, digits):
