@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from gapwatch.functional._common import as_outputs, check_choice, check_classifier, chunks
-from gapwatch.functional._layer_split import Suffix
+from gapwatch.functional._layer_cuts import Suffix
 
 KappaMethod = Literal["paper", "authors"]
 _KAPPA_METHODS = get_args(KappaMethod)

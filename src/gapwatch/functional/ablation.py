@@ -42,10 +42,10 @@ from gapwatch.functional._common import (
     chunks,
     evaluation,
 )
+from gapwatch.functional._layer_cuts import Suffix
 from gapwatch.functional._layer_split import (
     LayerSplit,
     SplitMethod,
-    Suffix,
     UnbatchableSplitError,
     split_model,
 )
