@@ -17,7 +17,7 @@ from gapwatch._correlations import proxy_names, summary_table
 from gapwatch.callbacks._proxy import sum_and_count
 from gapwatch.callbacks._uncertainty import cluster_sums, mean_se, variance_and_se
 from gapwatch.functional import jacobian_norm, transitions
-from gapwatch.functional._common import RowSeeds
+from gapwatch.functional._draws import RowSeeds
 from gapwatch.functional.sensitivity import noise_response
 from tests.conftest import own_warnings
 

@@ -25,7 +25,6 @@ from gapwatch.functional._common import (
     chunks,
     evaluation,
     gradients_enabled,
-    make_generator,
 )
 
 
@@ -97,15 +96,6 @@ def test_gradients_enabled_lifts_inference_mode():
             x = x.clone().requires_grad_()
             (x * 2).sum().backward()
     assert torch.equal(x.grad, torch.full((3,), 2.0))
-
-
-def test_fresh_generator_leaves_global_rng_alone():
-    state = torch.random.get_rng_state()
-    g = make_generator(None, torch.device("cpu"))
-    torch.randn(3, generator=g)
-    assert torch.equal(state, torch.random.get_rng_state())
-    with pytest.raises(TypeError, match="Generator"):
-        make_generator(0, torch.device("cpu"))
 
 
 # ------------------------------------------------------------ one default chunk size

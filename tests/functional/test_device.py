@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from gapwatch.functional import jacobian_norm, output_sensitivity, transitions
-from gapwatch.functional._common import RowSeeds, draw, make_generator
+from gapwatch.functional._draws import RowSeeds, draw, make_generator
 from tests import conftest
 from tests.functional.test_memory import PER_SAMPLE, PROXIES, K, _probe
 

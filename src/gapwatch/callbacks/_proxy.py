@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probe, Probes, Role
-from gapwatch.functional._common import RowSeeds
+from gapwatch.functional._draws import RowSeeds
 
 
 class NotApplicableError(ValueError):

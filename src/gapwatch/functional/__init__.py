@@ -11,7 +11,8 @@ callbacks' default too; ``None``: all rows at once); draws randomness only from 
 BatchNorm buffers as it found them.
 """
 
-from gapwatch.functional._common import DEFAULT_BATCH_SIZE, RowSeeds
+from gapwatch.functional._common import DEFAULT_BATCH_SIZE
+from gapwatch.functional._draws import RowSeeds
 from gapwatch.functional._inputs import KeywordInputs
 from gapwatch.functional.ablation import AblationResult, unit_ablation
 from gapwatch.functional.gap_estimator import GapEstimator

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from gapwatch.functional._common import (
     DEFAULT_BATCH_SIZE,
-    Draws,
     as_outputs,
     check_batch_size,
     check_choice,
@@ -32,13 +31,12 @@ from gapwatch.functional._common import (
     check_inputs,
     check_positive,
     chunks,
-    draw,
     evaluation,
     gradients_enabled,
-    make_generator,
     model_device,
     model_input,
 )
+from gapwatch.functional._draws import Draws, draw, make_generator
 from gapwatch.functional._inputs import Inputs
 from gapwatch.functional._perturb import check_perturbable, forward_perturbed
 from gapwatch.functional._softmax_rows import _draw_rows, _row, _row_weights, _scaled_softmax

@@ -17,7 +17,6 @@ from torch.nn.functional import softmax
 
 from gapwatch.functional._common import (
     DEFAULT_BATCH_SIZE,
-    Draws,
     as_outputs,
     check_batch_size,
     check_classifier,
@@ -25,12 +24,11 @@ from gapwatch.functional._common import (
     check_inputs,
     check_positive,
     chunks,
-    draw,
     evaluation,
-    make_generator,
     model_device,
     model_input,
 )
+from gapwatch.functional._draws import Draws, draw, make_generator
 from gapwatch.functional._inputs import Inputs, call_model
 from gapwatch.functional._perturb import check_perturbable, forward_perturbed
 
