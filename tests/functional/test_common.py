@@ -110,12 +110,15 @@ def _functions_with_batch_size():
         if info.name.startswith("_"):  # the plumbing's helpers take a required batch_size
             continue
         module = importlib.import_module(f"gapwatch.functional.{info.name}")
+        exported = set(getattr(module, "__all__", ()))
         for name, value in vars(module).items():
             candidates = [(name, value)]
             if inspect.isclass(value):
                 candidates = [(f"{name}.{m}", f) for m, f in vars(value).items()]
+            # A name in `__all__` is the module's own even when defined in a private one.
+            home = getattr(value, "__module__", None) if name in exported else module.__name__
             for label, fn in candidates:
-                own = getattr(fn, "__module__", None) == module.__name__
+                own = getattr(fn, "__module__", None) == home
                 if own and callable(fn) and not label.split(".")[-1].startswith("_"):
                     try:
                         parameters = inspect.signature(fn).parameters
