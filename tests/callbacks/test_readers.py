@@ -124,3 +124,16 @@ def test_a_sized_stream_too_short_for_the_probe_fails_before_training(tmp_path):
     trainer = make_trainer(tmp_path, callbacks=callbacks, max_epochs=3)
     with pytest.raises(RuntimeError, match=r"at most 320 \(5 batches of 64\)"):
         trainer.fit(Untrained(width=8), datamodule=_SizedStreamedDigits(300))
+
+
+@pytest.mark.parametrize(
+    "options", [{"limit_train_batches": 1}, {"fast_dev_run": True}], ids=["one-batch", "dev"]
+)
+def test_map_style_data_with_one_batch_epochs_is_never_refused(tmp_path, options):
+    # Step 0 gives map-style data its first evaluation; in a one-batch epoch the next comes
+    # at the epoch's end, after the last batch, where a refusal would be a false alarm.
+    gapwatch = PredictionChanges(heldout="none", probe_size=128)
+    stopper = EarlyStopping("gapwatch/prediction_changes", patience=5)
+    trainer, _ = fit(tmp_path, [gapwatch, stopper], max_epochs=3, **options)
+    assert "prediction_changes" in gapwatch.history[-1]
+    assert trainer.global_step == (1 if options.get("fast_dev_run") else 3)

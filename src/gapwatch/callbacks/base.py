@@ -140,6 +140,7 @@ class ProbeCallback(Callback):
         self._num_outputs = 1
         self._clock = _publishing.Stopwatch()  # what monitoring costs
         self._collector: BatchCollector | None = None  # the train probe of a stream
+        self._streamed = False  # the train probe came from batches: no step 0
 
     @property
     def state_key(self) -> str:
@@ -179,7 +180,7 @@ class ProbeCallback(Callback):
             self._clock = _publishing.Stopwatch()
             self.last_step, self.history = None, []
             self._probes, self._done_at, self._warned_nonfinite = None, None, False
-            self._collector = None
+            self._collector, self._streamed = None, False
             for proxy in self.proxies:
                 proxy.reset()
 
@@ -208,7 +209,7 @@ class ProbeCallback(Callback):
             trainer, self.probe_size, self.seed, self.split_batch, self.train_stream
         )
         if isinstance(train, BatchCollector):
-            self._collector = train
+            self._collector, self._streamed = train, True
             refuse_unfillable(
                 trainer, self._checks.readers, probe_size=self.probe_size,
                 batch_size=_setup.train_loader(trainer).batch_size,
@@ -292,6 +293,8 @@ class ProbeCallback(Callback):
     def _refuse_missing(
         self, trainer: Trainer, readers: list[Reader], *, at_validation: bool
     ) -> None:
+        if not self._streamed:  # step 0 gave the first evaluation; the next comes by the check
+            return
         collected = None if self._collector is None else self._collector.count
         refuse_missing(
             trainer, readers, self.history, at_validation=at_validation, prefix=self.prefix,
