@@ -11,7 +11,7 @@ from lightning.pytorch import seed_everything
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from gapwatch import OutputSensitivity, UnitAblation
+from gapwatch import GeneralizationMonitor, OutputSensitivity, UnitAblation
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 from tests.conftest import own_warnings
 
@@ -119,17 +119,33 @@ class _Binary(DigitsClassifier):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        return F.binary_cross_entropy_with_logits(self(x).squeeze(1), y.float())
+        return F.binary_cross_entropy_with_logits(self(x).squeeze(1), y.reshape(-1).float())
 
     def validation_step(self, batch, batch_idx):
         pass
 
 
-def test_a_one_logit_binary_classifier_gets_binary_cross_entropy_and_accuracy(tmp_path):
-    monitor = OutputSensitivity(probe_size=128)
+@pytest.mark.parametrize(
+    "labels",
+    [
+        lambda y: y % 2,
+        lambda y: (y % 2).float(),  # as BCEWithLogitsLoss takes them
+        lambda y: (y % 2).float().unsqueeze(1),
+        lambda y: (y % 2).bool(),
+    ],
+    ids=["int64", "float32", "float32 [N, 1]", "bool"],
+)
+def test_a_one_logit_binary_classifier_gets_binary_cross_entropy_and_accuracy(
+    tmp_path, labels, caplog
+):
+    monitor = GeneralizationMonitor(probe_size=128, ablation=False, normalization="output")
     model = _Binary()
-    _fit(tmp_path, [monitor], model, _Relabelled(lambda y: y % 2))
+    with caplog.at_level("INFO"):
+        _fit(tmp_path, [monitor], model, _Relabelled(labels))
+    assert "a binary classifier" in caplog.text
+    assert "skipping prediction_changes" not in caplog.text
     final = monitor.history[-1]
+    assert "prediction_changes" in final
     probe = monitor._probes.heldout
     y = probe.targets.float()
     loss = _expected(model, probe.inputs, lambda z: F.binary_cross_entropy_with_logits(z[:, 0], y))

@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F  # noqa: N812
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
 from gapwatch.callbacks._probes import Probe, Probes
@@ -31,8 +31,9 @@ class LossProxy(Proxy):
       leaves them out of a loss). A model
       whose outputs are already probabilities (non-negative rows summing to one) gets the
       negative log-likelihood of those, with one warning;
-    * one output and integer 0/1 labels: a binary classifier's binary cross-entropy of its
-      logit, accuracy of ``logit > 0``;
+    * one output and 0/1 labels (integer, bool or float, as ``BCEWithLogitsLoss`` takes
+      them): a binary classifier's binary cross-entropy of its logit, accuracy of
+      ``logit > 0``. A regression whose targets are all 0 or 1 is scored so too;
     * one output otherwise: regression, the mean squared error and no accuracy or gap.
     """
 
@@ -49,13 +50,17 @@ class LossProxy(Proxy):
             p for p in (probes.train, probes.heldout) if p is not None and p.targets is not None
         ]
         targets = [p.targets for p in labelled if p.targets is not None]
-        integer = all(not t.is_floating_point() for t in targets)
         if num_outputs > 1:
             self.kind = "multiclass"
             for probe in labelled:
                 _check_labels(probe, num_outputs)
-        elif targets and integer and all(bool(((t == 0) | (t == 1)).all()) for t in targets):
+        elif targets and all(binary_labels(t) for t in targets):
             self.kind = "binary"
+            rank_zero_info(
+                "gapwatch: one output and 0/1 labels: scored as a binary classifier (binary "
+                "cross-entropy of the logit, accuracy of logit > 0), as BCEWithLogitsLoss "
+                "trains one."
+            )
         else:
             self.kind = "regression"
         self.probabilities = self.kind == "multiclass" and _outputs_probabilities(
@@ -110,6 +115,11 @@ class LossProxy(Proxy):
                 loss = F.cross_entropy(logits, targets, reduction="none")
             correct = (logits.argmax(1) == targets).float()
         return loss, correct.masked_fill(unknown, math.nan)
+
+
+def binary_labels(targets: Tensor) -> bool:
+    """Whether every label is 0 or 1, in whatever dtype (float for ``BCEWithLogitsLoss``)."""
+    return bool(((targets == 0) | (targets == 1)).all())
 
 
 def _check_labels(probe: Probe, num_classes: int) -> None:

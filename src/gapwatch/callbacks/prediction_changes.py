@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gapwatch.callbacks._loss import binary_labels
 from gapwatch.callbacks._probes import Probes
 from gapwatch.callbacks._proxy import (
     Context,
@@ -49,12 +50,7 @@ class PredictionChangesProxy(Proxy):
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """A class per sample needs K >= 2 scores, or one logit with 0/1 labels."""
         targets = probes.train.targets
-        binary = (
-            targets is not None
-            and not targets.is_floating_point()
-            and bool(((targets == 0) | (targets == 1)).all())
-        )
-        if num_outputs < 2 and not binary:
+        if num_outputs < 2 and (targets is None or not binary_labels(targets)):
             raise NotApplicableError(
                 "Prediction changes need a predicted class per sample: K >= 2 outputs, or one "
                 "logit with 0/1 labels; this model has one output and its train labels are not "
