@@ -18,7 +18,8 @@ RUNNER = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 def test_quick_run_reports_every_case_and_gapwatch_agrees_with_the_baselines(tmp_path):
     out = tmp_path / "bench.jsonl"
     done = subprocess.run(
-        [sys.executable, str(RUNNER), "--quick", "--out", str(out)],
+        # One thread: the test suite's workers already occupy the cores.
+        [sys.executable, str(RUNNER), "--quick", "--threads", "1", "--out", str(out)],
         cwd=tmp_path,  # the runner must not depend on the working directory
         capture_output=True,
         text=True,
