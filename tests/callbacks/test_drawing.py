@@ -381,3 +381,45 @@ def test_a_one_shot_validation_sampler_fails_at_setup_naming_the_fixes(tmp_path)
     trainer = make_trainer(tmp_path, callbacks=[OutputSensitivity(probe_size=100)])
     with pytest.raises(ValueError, match="heldout='none'"):
         trainer.fit(DigitsClassifier(width=8), datamodule=_OneShot(val=True))
+
+
+class _InOrder(DigitsDataModule):
+    """Digits trained in a fixed order (no shuffling), in batches of 32."""
+
+    def __init__(self, shuffle: bool = False) -> None:
+        super().__init__(batch_size=32)
+        self.shuffle = shuffle
+
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(self.train_set, 32, shuffle=self.shuffle, generator=generator)
+
+
+def _trained_rows(tmp_path, data, **options) -> set[int]:
+    """The train set's rows in the train probe of a fit under ``options``."""
+    monitor = OutputSensitivity(probe_size=256)
+    make_trainer(tmp_path, callbacks=[monitor], max_epochs=1, **options).fit(
+        DigitsClassifier(width=8), datamodule=data
+    )
+    same = monitor._probes.train.inputs[:, None] == data.train_set.tensors[0]
+    return {int(row) for row in same.flatten(2).all(2).nonzero()[:, 1]}
+
+
+@pytest.mark.parametrize(
+    ("options", "shuffle"),
+    [({"limit_train_batches": 4}, False), ({"overfit_batches": 2}, True)],
+    ids=["limit_train_batches", "overfit_batches"],
+)
+def test_the_train_probe_holds_only_rows_the_trainer_trains_on(tmp_path, options, shuffle):
+    # A loader in a fixed order trains on the same first batches every epoch (overfit_batches
+    # turns shuffling off itself); a probe from the whole set would score unseen rows.
+    rows = _trained_rows(tmp_path, _InOrder(shuffle), **options)
+    batches = options.get("limit_train_batches") or options["overfit_batches"]
+    assert rows == set(range(32 * batches))
+
+
+def test_a_shuffled_loader_under_limit_train_batches_keeps_the_whole_set(tmp_path):
+    # Each epoch trains on other rows, so over the fit every row is training data.
+    rows = _trained_rows(tmp_path, _InOrder(shuffle=True), limit_train_batches=4)
+    assert len(rows) == 256
+    assert max(rows) >= 4 * 32

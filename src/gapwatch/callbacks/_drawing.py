@@ -31,6 +31,7 @@ from torch.utils.data import (
     DistributedSampler,
     IterableDataset,
     Sampler,
+    SequentialSampler,
 )
 from torch.utils.data.dataloader import default_collate
 
@@ -61,11 +62,15 @@ def one_shot(loader: DataLoader) -> bool:
     return isinstance(source, Iterator) and not isinstance(source, Sampler)
 
 
-def eligible_indices(loader: DataLoader) -> list[Any]:
+def eligible_indices(loader: DataLoader, max_batches: int | None = None) -> list[Any]:
     """The dataset keys ``loader`` yields in one epoch, each once, without moving any RNG.
 
     Args:
         loader: A map-style loader.
+        max_batches: The batches an epoch takes from it (``limit_train_batches``,
+            ``overfit_batches``). A loader in a fixed order then yields the keys of its
+            first batches only, every epoch; a shuffled one yields other keys each epoch,
+            so all of them count.
 
     Returns:
         The keys, sorted when they are integers (so that the set, not the shuffle order,
@@ -76,6 +81,8 @@ def eligible_indices(loader: DataLoader) -> list[Any]:
         keys: Iterable[Any] = _private_copy(source)
         if batched:
             keys = (key for batch in keys for key in batch)
+        if max_batches is not None and loader.batch_size and _in_fixed_order(loader):
+            keys = islice(keys, max_batches * loader.batch_size * _replicas(loader))
         unique = list(dict.fromkeys(keys))
     if all(isinstance(key, int) for key in unique):
         unique.sort()
@@ -90,6 +97,7 @@ def draw_probe(
     split: SplitBatch,
     role: str,
     avoid: set[Any] | None = None,
+    max_batches: int | None = None,
 ) -> tuple[Probe, set[Any]]:
     """Draw ``size`` samples (all if fewer) from what a map-style ``loader`` yields.
 
@@ -101,6 +109,8 @@ def draw_probe(
         role: ``"train"`` or ``"held-out"``, for messages.
         avoid: Keys of the same dataset that another probe's loader yields; a held-out
             probe that shares rows with them is reported.
+        max_batches: The batches an epoch takes from the loader (see
+            :func:`eligible_indices`).
 
     Returns:
         The probe on the CPU, and the set of keys the loader yields.
@@ -114,7 +124,7 @@ def draw_probe(
             "gapwatch draws single samples. Give the loader a batch size, or pass the probe "
             "data through a loader that has one (`heldout=` picks the held-out loader)."
         )
-    keys = eligible_indices(loader)
+    keys = eligible_indices(loader, max_batches)
     if not keys:
         raise ValueError(f"The {role} data is empty; gapwatch needs samples to probe.")
     if size > len(keys):
@@ -236,6 +246,26 @@ def _index_source(loader: DataLoader) -> tuple[bool, Iterable[Any]]:
     if isinstance(sampler, DistributedSampler):
         return False, range(len(sampler.dataset))  # type: ignore[arg-type]
     return False, sampler
+
+
+def _in_fixed_order(loader: DataLoader) -> bool:
+    """Whether every epoch of ``loader`` yields its keys in the same order."""
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler) is not BatchSampler:
+        return False  # a custom batch sampler's order is its own
+    sampler = loader.sampler
+    if isinstance(sampler, DistributedSamplerWrapper):
+        inner = sampler.dataset._sampler  # type: ignore[attr-defined]
+        return not sampler.shuffle and isinstance(inner, SequentialSampler)
+    if isinstance(sampler, DistributedSampler):
+        return not sampler.shuffle
+    return isinstance(sampler, SequentialSampler)
+
+
+def _replicas(loader: DataLoader) -> int:
+    """Processes that split the loader's keys (a distributed sampler's ``num_replicas``)."""
+    sampler = loader.sampler
+    return sampler.num_replicas if isinstance(sampler, DistributedSampler) else 1
 
 
 def _private_copy(source: Any) -> Any:

@@ -51,9 +51,18 @@ def train_loader(trainer: Trainer) -> DataLoader:
     return first_loader(trainer.train_dataloader, "train")
 
 
-def draw_train(loader: DataLoader, size: int, seed: int, split: SplitBatch) -> Probe:
-    """The train probe of a map-style loader (streams: see ``BatchCollector``)."""
-    probe, _ = draw_probe(loader, size, seed=seed, split=split, role="train")
+def draw_train(
+    loader: DataLoader, size: int, seed: int, split: SplitBatch, max_batches: int | None = None
+) -> Probe:
+    """The train probe of a map-style loader (streams: see ``BatchCollector``).
+
+    ``max_batches``: the batches an epoch takes (``trainer.num_training_batches``), so
+    that a loader in a fixed order under ``limit_train_batches`` or ``overfit_batches``
+    gives a probe of the rows training sees.
+    """
+    probe, _ = draw_probe(
+        loader, size, seed=seed, split=split, role="train", max_batches=max_batches
+    )
     return probe
 
 
@@ -79,7 +88,10 @@ def train_probe(
                 "samples training receives), or give the DataLoader a Sampler."
             )
     elif not is_stream(loader):
-        return draw_train(loader, size, seed, split)
+        batches = trainer.num_training_batches
+        return draw_train(
+            loader, size, seed, split, int(batches) if batches < len(loader) else None
+        )
     elif stream == "reread":
         return read_stream(loader, size, split=split, role="train")
     if trainer.world_size > 1:
