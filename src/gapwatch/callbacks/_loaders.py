@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader
+
+from gapwatch.callbacks._rng import isolated_rng
 
 
 def first_loader(loaders: Any, role: str) -> DataLoader:
@@ -31,14 +32,16 @@ def validation_loader(trainer: Trainer) -> DataLoader | None:
     """The first validation loader, or None where Lightning will not validate."""
     if trainer.limit_val_batches == 0:
         return None
-    if trainer.val_dataloaders is None:
-        # Without a sanity check the validation loaders are only built at the first
-        # validation; build them now (Lightning reuses them later).
-        try:
-            trainer.fit_loop.epoch_loop.val_loop.setup_data()
-        except MisconfigurationException:
-            return None  # a `validation_step` without a loader: Lightning skips validation
     loaders = trainer.val_dataloaders
+    if loaders is None:
+        # Without a sanity check Lightning builds them at the first validation. gapwatch
+        # builds its own now, with the global streams put back, so that Lightning's call
+        # (and whatever a `val_dataloader` draws) comes where it would without gapwatch.
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        if not source.is_defined():
+            return None  # a `validation_step` without a loader: Lightning skips validation
+        with isolated_rng():
+            loaders = source.dataloader()
     if loaders is None or (isinstance(loaders, Sequence) and not loaders):
         return None
     return first_loader(loaders, "validation")
@@ -58,9 +61,12 @@ def test_loader(trainer: Trainer, pl_module: LightningModule) -> DataLoader:
             "`heldout='test'` needs a `test_dataloader()` on the datamodule or the "
             "LightningModule; define one or use `heldout='val'`."
         )
-    try:
-        loaders = source.test_dataloader()
-    except AttributeError:
-        source.setup("test")
-        loaders = source.test_dataloader()
+    # Lightning never sets up for testing during fit: whatever that draws from the global
+    # streams (a `random_split` without a generator) must not move training's.
+    with isolated_rng():
+        try:
+            loaders = source.test_dataloader()
+        except AttributeError:
+            source.setup("test")
+            loaders = source.test_dataloader()
     return first_loader(loaders, "test")
