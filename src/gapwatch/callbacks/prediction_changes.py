@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from gapwatch.callbacks._loss import binary_labels
-from gapwatch.callbacks._probes import Probes
+from gapwatch.callbacks._probes import Probe, Probes
 from gapwatch.callbacks._proxy import (
     Context,
     NotApplicableError,
@@ -46,6 +47,7 @@ class PredictionChangesProxy(Proxy):
     def __init__(self) -> None:
         self._size = 0
         self._previous: Tensor | None = None
+        self._probe_id: float | None = None  # of the probe `_previous` was counted on
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """A class per sample needs K >= 2 scores, or one logit with 0/1 labels."""
@@ -57,12 +59,23 @@ class PredictionChangesProxy(Proxy):
                 "0/1. Turn it off (`prediction_changes=False` in the suite)."
             )
         self._size = len(probes.train)
-        if self._previous is not None and self._previous.numel() != self._size:
-            self._previous = None  # a checkpoint of another probe: start afresh
+        probe_id = _probe_id(probes.train)
+        if self._previous is not None and (
+            self._previous.numel() != self._size
+            or (self._probe_id is not None and self._probe_id != probe_id)
+        ):
+            # A checkpoint of another probe (another seed or probe_size, other data): its
+            # classes belong to other rows.
+            rank_zero_info(
+                "gapwatch: the checkpoint's predicted classes are of another train probe; "
+                "prediction changes are counted afresh from the next evaluation."
+            )
+            self._previous = None
+        self._probe_id = probe_id
 
     def reset(self) -> None:
         """Forget the previous fit's predictions."""
-        self._previous = None
+        self._previous, self._probe_id = None, None
 
     def statistics(
         self, model: nn.Module, probes: Probes, outputs: Outputs, context: Context
@@ -78,19 +91,32 @@ class PredictionChangesProxy(Proxy):
         current = stats["classes"].round().long() + UNKNOWN
         previous, self._previous = self._previous, current
         if previous is None:
-            return dict.fromkeys(self.undefined_at_first, math.nan)
+            # Not logged, not NaN: at a fit's first evaluation and after a checkpoint of
+            # another probe alike, a NaN would read as divergence and stop EarlyStopping.
+            return {}
         changed = prediction_changes(previous, current, reduction="none")
         summed = sum_and_count(NAME, changed[~changed.isnan()])
         return with_se({NAME: mean(summed, NAME)}, summed)
 
     def state_dict(self) -> dict[str, Any]:
         """The latest evaluation's classes, so that a resumed fit continues the count."""
-        return {"previous": self._previous}
+        return {"previous": self._previous, "probe_id": self._probe_id}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state_dict``."""
         previous = state.get("previous")
         self._previous = None if previous is None else torch.as_tensor(previous).long()
+        self._probe_id = state.get("probe_id")  # None in checkpoints older than it
+
+
+def _probe_id(probe: Probe) -> float:
+    """A number that tells two probes apart: each row's values weighted by its position."""
+    inputs = probe.inputs
+    parts = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
+    weights = torch.arange(1, len(probe) + 1, dtype=torch.float64)
+    return float(
+        sum((part.flatten(1).double().sum(1).cpu() * weights).sum() for part in parts)
+    )
 
 
 class PredictionChanges(ProbeCallback):
