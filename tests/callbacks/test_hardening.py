@@ -253,7 +253,7 @@ BAD_SETUPS = [
         _classifier,
         lambda: _Digits(_one_hot),
         ValueError,
-        r"\(16, 10\).*one target per sample.*y\.argmax\(1\)",
+        r"\(16, 10\).*one target per sample.*y\.argmax\(1\).*\(x, None\)",
     ),
     _case(
         "held-out test data that does not exist",

@@ -137,3 +137,23 @@ def test_map_style_data_with_one_batch_epochs_is_never_refused(tmp_path, options
     trainer, _ = fit(tmp_path, [gapwatch, stopper], max_epochs=3, **options)
     assert "prediction_changes" in gapwatch.history[-1]
     assert trainer.global_step == (1 if options.get("fast_dev_run") else 3)
+
+
+def test_a_strict_check_on_a_held_out_metric_without_held_out_data_fails_at_setup(tmp_path):
+    stopper = EarlyStopping("gapwatch/test_loss")
+    trainer = make_trainer(
+        tmp_path, callbacks=[stopper, OutputSensitivity()], max_epochs=2, limit_val_batches=0
+    )
+    with pytest.raises(RuntimeError, match=r"EarlyStopping\(gapwatch/test_loss\) monitors a held"):
+        trainer.fit(DigitsClassifier(width=8), datamodule=DigitsDataModule())
+    assert trainer.global_step == 0
+
+
+def test_a_checkpoint_on_a_held_out_metric_without_validation_is_left_to_warn(tmp_path):
+    keeper = ModelCheckpoint(monitor="gapwatch/test_loss", dirpath=tmp_path / "ckpt")
+    trainer = make_trainer(
+        tmp_path, callbacks=[keeper, OutputSensitivity()], max_epochs=2, limit_val_batches=0
+    )
+    with pytest.warns(UserWarning, match="could not find the monitored key"):
+        trainer.fit(DigitsClassifier(width=8), datamodule=DigitsDataModule())
+    assert trainer.current_epoch == 2

@@ -134,6 +134,7 @@ def one_per_sample(targets: Tensor, num_samples: int, role: str) -> Tensor:
             f"The {role} batches carry targets of shape {tuple(targets.shape)} for "
             f"{num_samples} inputs; gapwatch needs one target per sample: class indices [N] "
             "or a regression target [N] / [N, 1]. For one-hot labels override "
-            "`split_batch` to return `y.argmax(1)`."
+            "`split_batch` to return `(x, y.argmax(1))`; for multi-label or multi-output "
+            "targets, to return `(x, None)`, which keeps the label-free proxies."
         )
     return targets.reshape(num_samples)

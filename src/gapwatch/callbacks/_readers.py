@@ -133,3 +133,30 @@ def _no_value_yet(reader: Reader, probe_size: int, why: str) -> RuntimeError:
         "for prediction changes), or train_stream='reread' for a stream that starts again "
         "when iterated anew (then gapwatch evaluates at step 0)."
     )
+
+
+#: What gapwatch logs only from a held-out probe (each also with ``_se``).
+HELDOUT_ONLY = ("test_loss", "test_acc", "gap", "normalized_test_loss")
+
+
+def refuse_without_heldout(trainer: Trainer, readers: Sequence[Reader], prefix: str) -> None:
+    """Fail at setup where a check would stop the fit on a held-out metric never logged.
+
+    Args:
+        trainer: The fit about to start, which gave gapwatch no held-out data.
+        readers: Every reader of a gapwatch metric.
+        prefix: The callback's ``prefix``.
+    """
+    for reader in readers:
+        name = reader.monitor.removeprefix(prefix).removesuffix("_se")
+        if name in HELDOUT_ONLY and reader.fails_without_value(
+            trainer, at_validation=reader.at_validation
+        ):
+            raise RuntimeError(
+                f"{reader.name} monitors a held-out metric, but this fit gives gapwatch no "
+                "held-out data (no validation loader, `limit_val_batches=0`, or "
+                "`heldout='none'`), so it is never logged and the first check would stop "
+                f"the fit. Monitor a train-probe metric ({prefix}prediction_changes needs no "
+                "held-out data), give the fit validation data, or pass `heldout='test'` "
+                "with a `test_dataloader()`."
+            )

@@ -35,7 +35,12 @@ from gapwatch.callbacks._drawing import BatchCollector
 from gapwatch.callbacks._loss import LossProxy
 from gapwatch.callbacks._probes import Probe, Probes, split_batch
 from gapwatch.callbacks._proxy import Context, Outputs, Proxy
-from gapwatch.callbacks._readers import Reader, refuse_missing, refuse_unfillable
+from gapwatch.callbacks._readers import (
+    Reader,
+    refuse_missing,
+    refuse_unfillable,
+    refuse_without_heldout,
+)
 from gapwatch.callbacks._schedule import Checks
 from gapwatch.functional._common import DEFAULT_BATCH_SIZE
 from gapwatch.functional._inputs import Inputs
@@ -289,6 +294,8 @@ class ProbeCallback(Callback):
                     self.proxies, model, probes, skip_inapplicable=self._skips_inapplicable
                 )
             self._probes = _setup.shard(probes, trainer, pl_module.device)
+        if probes.heldout is None:
+            refuse_without_heldout(trainer, self._checks.readers, self.prefix)
 
     def _refuse_missing(
         self, trainer: Trainer, readers: list[Reader], *, at_validation: bool
