@@ -80,10 +80,11 @@ def test_regret_is_the_held_out_loss_at_the_stop_minus_the_best() -> None:
     assert table[0]["worst_loss_regret"] == pytest.approx(0.2)
 
 
-def light_monitor() -> GeneralizationMonitor:
+def light_monitor(**options: int) -> GeneralizationMonitor:
     return GeneralizationMonitor(
-        sensitivity=False, jacobian=False, ablation=False, figures_every_n_evaluations=0
-    )
+        sensitivity=False, jacobian=False, ablation=False, figures_every_n_evaluations=0,
+        **options,
+    )  # fmt: skip
 
 
 def test_the_audit_stops_a_logged_run_where_early_stopping_stopped_it(tmp_path: Path) -> None:
@@ -134,10 +135,7 @@ def test_a_run_without_held_out_data_is_not_audited() -> None:
 
 def test_the_audit_leaves_out_the_log_spaced_points_of_a_logged_run(tmp_path: Path) -> None:
     """``log_steps`` is read from the hparams entry (hparams.yaml holds the model's only)."""
-    monitor = GeneralizationMonitor(
-        sensitivity=False, jacobian=False, ablation=False, figures_every_n_evaluations=0,
-        log_steps=3,
-    )  # fmt: skip
+    monitor = light_monitor(log_steps=3)
     logger = TensorBoardLogger(tmp_path, name="early", version=0, default_hp_metric=False)
     fit(tmp_path, [monitor], logger=logger, max_epochs=4)
     assert (tmp_path / "early" / "version_0" / "hparams.yaml").is_file()
@@ -151,10 +149,7 @@ def test_the_audit_leaves_out_the_log_spaced_points_of_a_logged_run(tmp_path: Pa
 
 def test_the_audit_names_what_its_patience_counts(tmp_path: Path) -> None:
     """A run that evaluated every 2 epochs is audited at those evaluations, and says so."""
-    monitor = GeneralizationMonitor(
-        sensitivity=False, jacobian=False, ablation=False, figures_every_n_evaluations=0,
-        every_n_epochs=2,
-    )  # fmt: skip
+    monitor = light_monitor(every_n_epochs=2)
     logger = TensorBoardLogger(tmp_path, name="sparse", version=0, default_hp_metric=False)
     fit(tmp_path, [monitor], logger=logger, max_epochs=6)
     report = build_report(tmp_path)
