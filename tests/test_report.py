@@ -42,7 +42,7 @@ TINY = {
     "limit_val_batches": 1,
     "log_every_n_steps": 1,
     "every_n_epochs": 1,
-    "figures_every_n_evaluations": 1000,  # figures at step 0 only: they dominate the time
+    "figures_every_n_evaluations": 1000,  # figures at the first and last only: they are slow
 }
 PROXIES = {
     "ablation_kappa", "ablation_zeta", "bias_fraction", "jacobian_norm", "log_norm_product",

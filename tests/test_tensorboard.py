@@ -78,6 +78,21 @@ def test_visuals_write_histograms_each_time_figures_every_n_and_the_layout_once(
     assert histograms[-1].histogram_value.max == pytest.approx(5 * norms.max().item())
 
 
+def test_the_fits_end_draws_the_last_evaluation_once(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    visuals = Visuals(logger, "gapwatch/", every_n_evaluations=2)
+    history = _history(4)  # steps 0, 20, 40, 60: drawn at 0 and 40 on the way
+    for k, h in enumerate(history):
+        visuals.update(history[: k + 1], {"ablation_curves": _ablation()}, int(h["step"]))
+    visuals.finish({"gapwatch/seed": 0}, history)
+    visuals.finish({"gapwatch/seed": 0}, history)  # a second end draws nothing more
+    logger.experiment.flush()
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    for name in ["sensitivity", "ablation_curves"]:
+        assert [i.step for i in events.Images(f"gapwatch/figures/{name}")] == [0, 40, 60]
+
+
 def test_visuals_only_for_a_tensorboard_logger(tmp_path):
     csv = CSVLogger(tmp_path)
     board = TensorBoardLogger(tmp_path)

@@ -97,8 +97,9 @@ class Visuals:
         logger: The run's logger; written to on global rank zero only.
         prefix: The prefix of the logged names; figure tags go below ``<prefix>figures/``
             and histograms below ``<prefix>histograms/`` (a tag holds one kind of data).
-        every_n_evaluations: Draw the figures at every n-th evaluation, never if 0 (the
-            histograms and the layout cost next to nothing and are always written).
+        every_n_evaluations: Draw the figures at every n-th evaluation and at the fit's
+            last, never if 0 (the histograms and the layout cost next to nothing and are
+            always written).
     """
 
     def __init__(self, logger: TensorBoardLogger, prefix: str, every_n_evaluations: int) -> None:
@@ -106,6 +107,8 @@ class Visuals:
         self.prefix = prefix
         self.every_n_evaluations = every_n_evaluations
         self._evaluations = 0
+        # The latest evaluation while its figures are not drawn: the fit's end draws them.
+        self._undrawn: tuple[list[Mapping[str, float]], dict[str, object], int] | None = None
 
     @classmethod
     def of(cls, trainer: Trainer, prefix: str, every_n_evaluations: int) -> Visuals | None:
@@ -144,24 +147,32 @@ class Visuals:
         every = self.every_n_evaluations
         draw = every > 0 and self._evaluations % every == 0
         self._evaluations += 1
-        figures = f"{self.prefix}figures/"
         for name, value in artifacts.items():
             if isinstance(value, Tensor):
                 finite = value.float()[value.isfinite()]  # TensorBoard rejects NaN and empty
                 if finite.numel():
                     writer.add_histogram(f"{self.prefix}histograms/{name}", finite, step)
-            elif isinstance(value, AblationResult):
-                if draw:
-                    writer.add_figure(figures + name, ablation_figure(value), step)
-            else:
+            elif not isinstance(value, AblationResult):
                 raise TypeError(f"gapwatch cannot show the {type(value).__name__} {name!r}.")
         if draw:
-            for proxy in proxy_names(history[-1]):
-                if len(_pairs(history, proxy)):
-                    writer.add_figure(figures + proxy, trail_figure(history, proxy), step)
+            self._draw(history, artifacts, step)
+        self._undrawn = None if draw or every == 0 else (list(history), dict(artifacts), step)
+
+    def _draw(self, history: History, artifacts: Mapping[str, object], step: int) -> None:
+        """The figures of one evaluation: each proxy's trail and the ablation curves."""
+        writer = self.logger.experiment
+        figures = f"{self.prefix}figures/"
+        for name, value in artifacts.items():
+            if isinstance(value, AblationResult):
+                writer.add_figure(figures + name, ablation_figure(value), step)
+        for proxy in proxy_names(history[-1]):
+            if len(_pairs(history, proxy)):
+                writer.add_figure(figures + proxy, trail_figure(history, proxy), step)
 
     def finish(self, settings: Mapping[str, Any], history: History) -> None:
-        """Write the hparams entry: the run's settings, with its logged values as metrics.
+        """Draw the last evaluation's figures if they are not yet, and write the hparams entry.
+
+        The hparams entry holds the run's settings, with its logged values as metrics.
 
         TensorBoard reads an hparams metric's value from the run's scalars of that tag,
         which gapwatch has logged already; the entry only names them. (Lightning's
@@ -172,6 +183,9 @@ class Visuals:
             settings: Primitive settings of the callback and its proxies, full names.
             history: Every evaluation of the run.
         """
+        if self._undrawn is not None:  # the final state belongs in the figures
+            self._draw(*self._undrawn)
+            self._undrawn = None
         if not history:
             return
         from lightning.fabric.utilities.logger import _convert_params, _flatten_dict

@@ -97,7 +97,8 @@ def test_custom_scalars_layout_written_once_one_chart_per_quantity(run):
     assert categories == {}
 
 
-def test_a_trail_figure_per_proxy_and_the_ablation_curves_at_every_evaluation(run):
+def test_a_trail_figure_per_proxy_and_the_ablation_curves_first_and_last(run):
+    # The default draws every 10th evaluation and the fit's last: here the first and last.
     events, steps = run["events"], _steps(run)
     assert len(steps) == 1 + EPOCHS
     names = [*proxy_names(run["monitor"].history[-1]), "ablation_curves"]
@@ -105,7 +106,7 @@ def test_a_trail_figure_per_proxy_and_the_ablation_curves_at_every_evaluation(ru
     for name in names:
         images = events.Images(f"gapwatch/figures/{name}")
         # Prediction changes need a previous evaluation: none at the first.
-        drawn = steps[1:] if name == "prediction_changes" else steps
+        drawn = steps[-1:] if name == "prediction_changes" else [steps[0], steps[-1]]
         assert [image.step for image in images] == drawn, name
         assert all(image.encoded_image_string.startswith(b"\x89PNG") for image in images)
 
@@ -229,8 +230,11 @@ def test_figures_every_n_evaluations(tmp_path, every):
     if every == 0:
         assert tags == []
     else:
-        steps = [int(h["step"]) for h in monitor.history][::every]
-        assert [i.step for i in events.Images("gapwatch/figures/sensitivity")] == steps
+        evaluated = [int(h["step"]) for h in monitor.history]
+        assert len(evaluated) == 4
+        # Every 2nd evaluation, and the last, which the fit's end draws.
+        drawn = [evaluated[0], evaluated[2], evaluated[3]]
+        assert [i.step for i in events.Images("gapwatch/figures/sensitivity")] == drawn
 
 
 def test_negative_figures_every_n_evaluations_is_rejected():
