@@ -107,8 +107,9 @@ class Visuals:
         self.prefix = prefix
         self.every_n_evaluations = every_n_evaluations
         self._evaluations = 0
-        # The latest evaluation while its figures are not drawn: the fit's end draws them.
-        self._undrawn: tuple[list[Mapping[str, float]], dict[str, object], int] | None = None
+        # The latest evaluation's artifacts and step while its figures are not drawn: the
+        # fit's end draws them (its history ends with that evaluation).
+        self._undrawn: tuple[dict[str, object], int] | None = None
 
     @classmethod
     def of(cls, trainer: Trainer, prefix: str, every_n_evaluations: int) -> Visuals | None:
@@ -156,7 +157,7 @@ class Visuals:
                 raise TypeError(f"gapwatch cannot show the {type(value).__name__} {name!r}.")
         if draw:
             self._draw(history, artifacts, step)
-        self._undrawn = None if draw or every == 0 else (list(history), dict(artifacts), step)
+        self._undrawn = None if draw or every == 0 else (dict(artifacts), step)
 
     def _draw(self, history: History, artifacts: Mapping[str, object], step: int) -> None:
         """The figures of one evaluation: each proxy's trail and the ablation curves."""
@@ -183,8 +184,8 @@ class Visuals:
             settings: Primitive settings of the callback and its proxies, full names.
             history: Every evaluation of the run.
         """
-        if self._undrawn is not None:  # the final state belongs in the figures
-            self._draw(*self._undrawn)
+        if self._undrawn is not None and history:  # the final state belongs in the figures
+            self._draw(history, *self._undrawn)
             self._undrawn = None
         if not history:
             return

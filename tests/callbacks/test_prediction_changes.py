@@ -13,9 +13,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from gapwatch import GeneralizationMonitor, PredictionChanges
 from gapwatch.callbacks._probes import Probe, Probes
 from gapwatch.callbacks._proxy import Context, Outputs
-from gapwatch.callbacks.prediction_changes import PredictionChangesProxy
+from gapwatch.callbacks.prediction_changes import PredictionChangesProxy, _probe_id
 from gapwatch.demo import DigitsClassifier, DigitsDataModule
 from gapwatch.functional._common import evaluation
+from gapwatch.functional._inputs import KeywordInputs
 from tests.conftest import own_warnings
 
 from .conftest import fit, make_trainer
@@ -145,3 +146,17 @@ def test_a_fit_resumed_on_another_probe_counts_afresh(tmp_path, caplog):
     assert [int(h["step"]) for h in resumed.history] == [0, 3, 7, 11]
     assert "prediction_changes" not in resumed.history[2]  # the first on the new probe
     assert "prediction_changes" in resumed.history[3]
+
+
+def test_the_probe_fingerprint_tells_rows_apart_and_nothing_else():
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    x[0, 0] = math.nan  # a float sum would make this probe differ from itself
+    assert _probe_id(Probe(x, None)) == _probe_id(Probe(x.clone(), None))
+    assert _probe_id(Probe(x, None)) != _probe_id(Probe(x.flip(0), None))
+    ids = torch.arange(12).reshape(4, 3)
+    tokens = KeywordInputs({"input_ids": ids, "attention_mask": torch.ones(4, 3, dtype=torch.bool)})
+    shuffled = KeywordInputs({"attention_mask": tokens["attention_mask"], "input_ids": ids})
+    assert _probe_id(Probe(tokens, None)) == _probe_id(Probe(shuffled, None))
+    assert _probe_id(Probe(tokens, None)) != _probe_id(
+        Probe(tokens[torch.tensor([1, 0, 2, 3])], None)
+    )

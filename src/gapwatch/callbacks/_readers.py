@@ -75,7 +75,7 @@ def refuse_missing(
         probe_size: The callback's ``probe_size``.
         collected: Samples of the train probe in so far; None once it is complete.
     """
-    if len(history) >= 2:
+    if len(history) >= 2 or (collected is None and not history):
         return
     for reader in readers:
         if reader.monitor in trainer.callback_metrics or not reader.fails_without_value(

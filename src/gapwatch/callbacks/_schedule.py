@@ -30,10 +30,22 @@ from gapwatch.callbacks._readers import Reader
 class Checks:
     """Where callbacks monitoring a gapwatch metric read it during one fit."""
 
-    at_validation: bool = False
-    at_train_epoch_end: bool = False
-    every_n_train_steps: tuple[int, ...] = ()
     readers: tuple[Reader, ...] = ()
+
+    @property
+    def at_validation(self) -> bool:
+        """Whether a reader checks at validation end."""
+        return any(r.at_validation for r in self.readers)
+
+    @property
+    def at_train_epoch_end(self) -> bool:
+        """Whether a reader checks at the train epoch's end."""
+        return any(r.at_train_epoch_end for r in self.readers)
+
+    @property
+    def every_n_train_steps(self) -> tuple[int, ...]:
+        """The step intervals readers check at."""
+        return tuple(r.every_n_train_steps for r in self.readers if r.every_n_train_steps)
 
     @classmethod
     def of(cls, trainer: Trainer, prefix: str) -> Checks:
@@ -63,14 +75,7 @@ class Checks:
             else:  # an unknown reader: fresh values at both places it may read
                 reader = Reader(callback, monitor, at_validation=True, at_train_epoch_end=True)
             readers.append(reader)
-        return cls(
-            at_validation=any(r.at_validation for r in readers),
-            at_train_epoch_end=any(r.at_train_epoch_end for r in readers),
-            every_n_train_steps=tuple(
-                r.every_n_train_steps for r in readers if r.every_n_train_steps
-            ),
-            readers=tuple(readers),
-        )
+        return cls(tuple(readers))
 
     def due(self, trainer: Trainer, batch_idx: int | None) -> list[Reader]:
         """The readers that check after the batch ``batch_idx`` ends, or at validation (None)."""

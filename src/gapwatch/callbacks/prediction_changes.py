@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -47,7 +48,7 @@ class PredictionChangesProxy(Proxy):
     def __init__(self) -> None:
         self._size = 0
         self._previous: Tensor | None = None
-        self._probe_id: float | None = None  # of the probe `_previous` was counted on
+        self._probe_id: str | None = None  # of the probe `_previous` was counted on
 
     def setup(self, model: nn.Module, probes: Probes, num_outputs: int) -> None:
         """A class per sample needs K >= 2 scores, or one logit with 0/1 labels."""
@@ -109,14 +110,14 @@ class PredictionChangesProxy(Proxy):
         self._probe_id = state.get("probe_id")  # None in checkpoints older than it
 
 
-def _probe_id(probe: Probe) -> float:
-    """A number that tells two probes apart: each row's values weighted by its position."""
+def _probe_id(probe: Probe) -> str:
+    """A digest of the probe's input bytes, in row order: equal only for the same rows."""
     inputs = probe.inputs
-    parts = list(inputs.values()) if isinstance(inputs, Mapping) else [inputs]
-    weights = torch.arange(1, len(probe) + 1, dtype=torch.float64)
-    return float(
-        sum((part.flatten(1).double().sum(1).cpu() * weights).sum() for part in parts)
-    )
+    parts = [inputs[key] for key in sorted(inputs)] if isinstance(inputs, Mapping) else [inputs]
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class PredictionChanges(ProbeCallback):
